@@ -1,0 +1,186 @@
+"""Which implementation of a normalization op runs: the one place that decides.
+
+Every public op (``normlib.layer_norm``, ``normlib.rms_norm``, ...) checks its arguments once and
+then asks :func:`resolve` for the function that does the work. Implementations are grouped into
+*backends*:
+
+``"torch"``
+    PyTorch's own ops. Always available, on every device; the baseline every other backend is
+    tested against.
+``"cpu"``
+    normlib's fused CPU path for the ops where PyTorch's CPU op is an unfused chain
+    (RMSNorm and the residual-add + norm ops). See ``normlib/cpu.py``.
+``"triton"``
+    Fused Triton kernels (``normlib/kernels/``) for CUDA tensors, or for CPU tensors when
+    ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how CI tests them).
+
+``backend="auto"`` picks, for the input's device, the first backend in :data:`AUTO_ORDER` that is
+installed, supports that device and implements the op. Implementations are named by
+``"module:function"`` strings and imported on first use, so ``import normlib`` never imports
+triton and works on any machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import cache
+from typing import Callable
+
+import torch
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "IMPLEMENTATIONS", "available_backends", "resolve"]
+
+
+def _triton_installed() -> str | None:
+    """None if triton can be used, else the reason it cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_device(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _triton_interpreting():
+        return None
+    return (
+        f"the 'triton' backend runs CUDA tensors (or CPU tensors when the environment variable "
+        f"TRITON_INTERPRET=1 is set before triton is imported); got a tensor on {device.type!r}"
+    )
+
+
+def _cpu_available() -> str | None:
+    return _load("normlib.cpu:unavailable_reason")()
+
+
+def _cpu_device(device: torch.device) -> str | None:
+    if device.type == "cpu":
+        return None
+    return f"the 'cpu' backend runs CPU tensors; got a tensor on {device.type!r}"
+
+
+def _always(*_args) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A family of implementations and the conditions under which it can run.
+
+    Both checks return ``None`` when fine and otherwise a sentence saying why not, so the error a
+    user sees explains what to change.
+    """
+
+    name: str
+    unavailable_reason: Callable[[], str | None]
+    unsupported_device_reason: Callable[[torch.device], str | None]
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", _always, _always),
+    "cpu": Backend("cpu", _cpu_available, _cpu_device),
+    "triton": Backend("triton", _triton_installed, _triton_device),
+}
+
+# op -> backend -> "module:function". Each function takes the op's arguments exactly as the
+# public op received them, already checked (see the public op in normlib/<norm>.py).
+IMPLEMENTATIONS: dict[str, dict[str, str]] = {
+    "batch_norm": {"torch": "normlib.batch_norm:batch_norm_torch"},
+    "instance_norm": {"torch": "normlib.instance_norm:instance_norm_torch"},
+    "group_norm": {"torch": "normlib.group_norm:group_norm_torch"},
+    "layer_norm": {
+        "torch": "normlib.layer_norm:layer_norm_torch",
+        "triton": "normlib.kernels.layer_norm:layer_norm_triton",
+    },
+    "add_layer_norm": {
+        "torch": "normlib.layer_norm:add_layer_norm_torch",
+        "cpu": "normlib.cpu:add_layer_norm_cpu",
+        "triton": "normlib.kernels.layer_norm:add_layer_norm_triton",
+    },
+    "rms_norm": {
+        "torch": "normlib.rms_norm:rms_norm_torch",
+        "cpu": "normlib.cpu:rms_norm_cpu",
+        "triton": "normlib.kernels.rms_norm:rms_norm_triton",
+    },
+    "add_rms_norm": {
+        "torch": "normlib.rms_norm:add_rms_norm_torch",
+        "cpu": "normlib.cpu:add_rms_norm_cpu",
+        "triton": "normlib.kernels.rms_norm:add_rms_norm_triton",
+    },
+}
+
+# Preference of "auto", per device type: fused first, PyTorch as the fallback that always works.
+# Triton is not auto-picked on the CPU even under the interpreter: the interpreter is for testing
+# and is orders of magnitude slower than PyTorch.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+
+@cache
+def _load(target: str) -> Callable:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _why_not(op: str, name: str, device: torch.device) -> str | None:
+    if name not in IMPLEMENTATIONS[op]:
+        return f"the {name!r} backend has no implementation of {op}"
+    backend = BACKENDS[name]
+    return backend.unavailable_reason() or backend.unsupported_device_reason(device)
+
+
+def available_backends(op: str | None = None, device: torch.device | str | None = None) -> list[str]:
+    """The backends this machine can run.
+
+    With ``op``, only those implementing it; with ``device``, only those that run tensors there.
+    ``normlib.available_backends()`` on a laptop gives ``['torch', 'cpu']``; on a GPU machine with
+    triton installed it adds ``'triton'``.
+    """
+    if op is not None and op not in IMPLEMENTATIONS:
+        raise ValueError(f"op={op!r} is not one of {sorted(IMPLEMENTATIONS)}")
+    ops = [op] if op is not None else list(IMPLEMENTATIONS)
+    found = []
+    for name, backend in BACKENDS.items():
+        if backend.unavailable_reason() is not None:
+            continue
+        if not any(name in IMPLEMENTATIONS[o] for o in ops):
+            continue
+        if device is not None and backend.unsupported_device_reason(torch.device(device)) is not None:
+            continue
+        found.append(name)
+    return found
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` with ``backend`` on a tensor on ``device``.
+
+    Raises ValueError for a backend name that does not exist and RuntimeError for one that
+    exists but cannot run here, listing what can.
+    """
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if _why_not(op, name, device) is None:
+                return _load(IMPLEMENTATIONS[op][name])
+        return _load(IMPLEMENTATIONS[op]["torch"])
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not a known backend; expected 'auto' or one of "
+            f"{list(BACKENDS)} (available for {op} on {device.type}: "
+            f"{available_backends(op, device)})"
+        )
+    reason = _why_not(op, backend, device)
+    if reason is not None:
+        raise RuntimeError(
+            f"backend={backend!r} cannot run {op} here: {reason}. "
+            f"Available for {op} on {device.type}: {available_backends(op, device)}"
+        )
+    return _load(IMPLEMENTATIONS[op][backend])
