@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup book test clean
+.PHONY: setup book test notebooks clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests chapters --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# Re-execute every chapter in place (after changing one): the outputs nbval compares against.
+notebooks: $(STAMP)
+	$(BIN)/python -m normlib.book.execute chapters/*.ipynb
 
 clean:
 	rm -rf $(VENV) _build
