@@ -4,8 +4,8 @@ Jupyter Book's default loads MathJax from a CDN, so the math of an offline copy 
 of the browser test, which runs without network) would stay raw TeX. This extension copies
 MathJax 3's ``es5`` bundle, which the PyPI package ``django-static-mathjax`` ships as plain files
 (it needs no Django to be installed), into ``_static/mathjax`` of the HTML output and points
-Sphinx's ``mathjax_path`` at it. Enabled in ``_config.yml`` under ``sphinx: local_extensions`` (it lives outside normlib so that
-building the book never imports torch).
+Sphinx's ``mathjax_path`` at it. ``_config.yml`` enables it under ``sphinx: local_extensions``;
+it lives outside normlib so that building the book never imports torch.
 """
 
 from __future__ import annotations
