@@ -1,0 +1,135 @@
+"""Argument checks shared by the public ops, so every norm fails the same way on the same mistake.
+
+Each public op checks its arguments once, before any backend runs: a wrong shape or dtype then
+fails with a sentence that names the argument and what was expected, instead of an error from deep
+inside a kernel. The happy path only compares; messages are formatted only when a check fails,
+because the public ops must stay cheap on tiny tensors.
+
+Conventions: a wrong type or dtype raises TypeError; a wrong shape, value or device raises
+ValueError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from normlib.backends import BACKENDS
+
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+# torch.finfo(dtype).eps looked up once: RMSNorm's default epsilon, read on every call.
+MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in FLOAT_DTYPES}
+
+
+def check_input(input: torch.Tensor, min_dim: int, layout: str) -> None:
+    """``input`` is a floating-point tensor with at least ``min_dim`` dimensions (``layout`` names them)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"input must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {input.dtype}; convert it first, e.g. input.float()"
+        )
+    if input.dim() < min_dim:
+        raise ValueError(
+            f"input must have at least {min_dim} dimensions {layout}, got shape {tuple(input.shape)}"
+        )
+
+
+def check_tensor_like_input(
+    tensor: torch.Tensor | None, name: str, input: torch.Tensor, shape: Sequence[int]
+) -> None:
+    """An optional tensor argument (weight, bias, running stats): float, on input's device, of ``shape``."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if tensor.device != input.device:
+        raise ValueError(
+            f"{name} is on device {tensor.device} but input is on {input.device}; "
+            f"expected both on the same device"
+        )
+    if tensor.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def check_residual(residual: torch.Tensor, input: torch.Tensor) -> None:
+    """The residual of a fused add + norm: same shape, dtype and device as ``input``."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+    if residual.device != input.device:
+        raise ValueError(
+            f"residual is on device {residual.device} but input is on {input.device}; "
+            f"expected both on the same device"
+        )
+    if residual.dtype != input.dtype:
+        raise TypeError(
+            f"residual must have the dtype of input ({input.dtype}), got {residual.dtype}; "
+            f"the sum input + residual is returned in that dtype"
+        )
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"residual must have the shape of input {tuple(input.shape)}, got {tuple(residual.shape)}"
+        )
+
+
+def check_normalized_shape(normalized_shape: int | Sequence[int], input: torch.Tensor) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple, after checking it equals the trailing dimensions of ``input``."""
+    if isinstance(normalized_shape, int):
+        shape: tuple[int, ...] = (normalized_shape,)
+    else:
+        if not isinstance(normalized_shape, Sequence) or not all(
+            isinstance(size, int) for size in normalized_shape
+        ):
+            raise TypeError(
+                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+            )
+        shape = tuple(normalized_shape)
+        if not shape:
+            raise ValueError("normalized_shape must have at least one dimension, got ()")
+    if input.shape[-len(shape) :] != shape or input.dim() < len(shape):
+        raise ValueError(
+            f"normalized_shape={list(shape)} must equal the last {len(shape)} dimension(s) of input, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    return shape
+
+
+def check_eps(eps: float) -> None:
+    if not eps >= 0.0:  # also catches NaN
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def check_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    input: torch.Tensor,
+    use_batch_stats: bool,
+) -> None:
+    """Running statistics: both or neither, per channel, and present when they are what normalizes."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must be given together (both tensors or both None), got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'} and "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+    if running_mean is None:
+        if not use_batch_stats:
+            raise ValueError(
+                "running_mean and running_var are required when the batch's own statistics are not "
+                "used (training=False / use_input_stats=False): they are what normalizes the input"
+            )
+        return
+    channels = (input.shape[1],)
+    check_tensor_like_input(running_mean, "running_mean", input, channels)
+    check_tensor_like_input(running_var, "running_var", input, channels)
+
+
+def check_backend_name(backend: str) -> None:
+    """Fail at construction time on a misspelt backend rather than at the first forward."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a known backend; expected 'auto' or one of {list(BACKENDS)}")
