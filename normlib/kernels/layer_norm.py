@@ -129,8 +129,8 @@ def _layer_norm_fwd_kernel(
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Looped path for rows wider than one block. Pass 1 walks the row block by block and merges
-        # each block's (count, mean, M2) into the running ones (Chan et al.): no cancellation, and
-        # the row is read once. Pass 2 reads it again to normalize.
+        # each block's (count, mean, M2) into the running ones (Chan et al.), which avoids the
+        # cancellation of E[x^2] - E[x]^2. Pass 2 reads the row again to normalize it.
         shift = _row_shift(X, R, H, HAS_RESIDUAL)
         mean = 0.0  # of x - shift, until the loop ends
         m2 = 0.0
@@ -356,7 +356,7 @@ def _backward(
     n_programs = backward_programs(n_rows, x.device)
     block_n, single_block, num_warps = block_config(n_cols, x.element_size())
     # Single block: every program stores its whole partial once. Looped: programs add into theirs.
-    alloc = torch.empty if single_block else torch.zeros
+    alloc = torch.empty if single_block and n_rows > 0 else torch.zeros
     dw_partial = alloc((n_programs, n_cols), dtype=torch.float32, device=x.device) if weight is not None else None
     db_partial = alloc((n_programs, n_cols), dtype=torch.float32, device=x.device) if has_bias else None
     if n_rows > 0:
@@ -382,11 +382,6 @@ def _backward(
             SINGLE_BLOCK=single_block,
             num_warps=num_warps,
         )
-    elif dw_partial is not None or db_partial is not None:
-        # No rows: the parameter gradients are sums over nothing.
-        for partial in (dw_partial, db_partial):
-            if partial is not None:
-                partial.zero_()
     dw = sum_partials(dw_partial, weight) if weight is not None else None
     db = sum_partials(db_partial, bias_like) if has_bias else None
     return dx, dw, db
