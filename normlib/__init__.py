@@ -27,6 +27,7 @@ from normlib.group_norm import GroupNorm, group_norm
 from normlib.instance_norm import InstanceNorm1d, InstanceNorm2d, instance_norm
 from normlib.layer_norm import LayerNorm, LayerNorm2d, add_layer_norm, layer_norm
 from normlib.rms_norm import RMSNorm, add_rms_norm, rms_norm
+from normlib.distributed import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
@@ -47,4 +48,6 @@ __all__ = [
     "instance_norm",
     "InstanceNorm1d",
     "InstanceNorm2d",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
 ]
