@@ -19,8 +19,13 @@ from normlib.backends import BACKENDS
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
-# torch.finfo(dtype).eps looked up once: RMSNorm's default epsilon, read on every call.
-MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in FLOAT_DTYPES}
+# RMSNorm's eps=None, as torch.nn.functional.rms_norm resolves it: the machine epsilon of the dtype
+# the statistics are computed in (float32 for float16/bfloat16/float32 inputs, float64 for float64),
+# not of the input's dtype (float16's 9.8e-4 would visibly bias small rows). Looked up once because
+# it is read on every call.
+RMS_NORM_DEFAULT_EPS = {
+    dtype: torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps for dtype in FLOAT_DTYPES
+}
 
 
 def check_input(input: torch.Tensor, min_dim: int, layout: str) -> None:

@@ -91,7 +91,7 @@ BACKENDS: dict[str, Backend] = {
 
 # op -> backend -> "module:function". Each function takes the op's arguments positionally, in the
 # public op's order and without `backend`, already checked (see the public op in normlib/<norm>.py):
-# normalized_shape arrives as a tuple of ints, rms_norm's eps=None as torch.finfo(input.dtype).eps,
+# normalized_shape arrives as a tuple of ints, rms_norm's eps=None as the float it means in torch,
 # and weight/bias/running stats as None or tensors of the right shape on input's device.
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "batch_norm": {"torch": "normlib.batch_norm:batch_norm_torch"},

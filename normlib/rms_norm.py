@@ -7,7 +7,9 @@ re-scaling, and dropping the mean saves a reduction. Llama-style Transformers us
 Conventions, stated once (sources differ): epsilon goes *inside* the square root,
 x / sqrt(mean(x^2) + eps), as in the paper's reference code and torch.nn.RMSNorm (some write
 x / (RMS(x) + eps), which differs for rows near zero); there is no learned shift beta; and
-``eps=None`` means ``torch.finfo(input.dtype).eps``, torch.nn.RMSNorm's default.
+``eps=None`` means what it means in torch.nn.RMSNorm (PyTorch >= 2.x docs): the machine epsilon of
+the computation dtype, ``torch.finfo(torch.float32).eps`` for float16, bfloat16 and float32 inputs
+and ``torch.finfo(torch.float64).eps`` for float64.
 
 This file holds, in reading order: the NumPy reference (forward and backward), the functional ops
 ``rms_norm`` (``torch.nn.functional.rms_norm``'s signature plus ``backend``) and ``add_rms_norm``
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlib._checks import (
-    MACHINE_EPS,
+    RMS_NORM_DEFAULT_EPS,
     check_backend_name,
     check_eps,
     check_input,
@@ -80,8 +82,8 @@ def rms_norm_reference(
         y_j = \gamma_j \hat{x}_j
 
     with gamma = ``weight`` (absent: 1). The same rstd name as in LayerNorm: 1/RMS plays the role
-    of 1/std, the mean being taken as 0. ``eps`` is a number here; the torch op's ``eps=None`` is
-    ``torch.finfo(dtype).eps``, which depends on the dtype the reference does not have.
+    of 1/std, the mean being taken as 0. ``eps`` is a number here; the torch op's ``eps=None``
+    depends on a dtype the reference does not have (see the module docstring).
     Returns ``(y, cache)``.
     """
     x = np.asarray(x, dtype=np.float64)
@@ -166,15 +168,15 @@ def rms_norm(
 ) -> Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims; see :func:`rms_norm_reference` for the math.
 
-    Same arguments and result as :func:`torch.nn.functional.rms_norm`; ``eps=None`` is
-    ``torch.finfo(input.dtype).eps``. ``backend`` picks the implementation (see
+    Same arguments and result as :func:`torch.nn.functional.rms_norm`; ``eps=None`` is the float32
+    machine epsilon (float64's for float64 input), as in torch. ``backend`` picks the implementation (see
     :mod:`normlib.backends`), which receives ``normalized_shape`` as a tuple and ``eps`` as a float.
     """
     check_input(input, 1, "(*, *normalized_shape)")
     shape = check_normalized_shape(normalized_shape, input)
     check_tensor_like_input(weight, "weight", input, shape)
     if eps is None:
-        eps = MACHINE_EPS[input.dtype]
+        eps = RMS_NORM_DEFAULT_EPS[input.dtype]
     else:
         check_eps(eps)
     return resolve("rms_norm", backend, input.device)(input, shape, weight, eps)
@@ -211,7 +213,7 @@ def add_rms_norm(
     shape = check_normalized_shape(normalized_shape, input)
     check_tensor_like_input(weight, "weight", input, shape)
     if eps is None:
-        eps = MACHINE_EPS[input.dtype]
+        eps = RMS_NORM_DEFAULT_EPS[input.dtype]
     else:
         check_eps(eps)
     return resolve("add_rms_norm", backend, input.device)(input, residual, shape, weight, eps)
