@@ -361,8 +361,11 @@ _rms_norm_fwd_op.register_autograd(_backward_formula, setup_context=_setup_conte
 
 
 def _eps_for(input: torch.Tensor, eps: Optional[float]) -> float:
-    # torch.nn.RMSNorm's default: eps=None means the machine epsilon of the input's dtype.
-    return float(torch.finfo(input.dtype).eps) if eps is None else float(eps)
+    # torch's default for eps=None: the machine epsilon of the dtype the statistics are computed in,
+    # float32 for float16/bfloat16/float32 inputs (not bfloat16's much larger epsilon).
+    if eps is not None:
+        return float(eps)
+    return float(torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps)
 
 
 def rms_norm_triton(
