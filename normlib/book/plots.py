@@ -1,0 +1,119 @@
+"""Plot helpers for quantities measured layer by layer or swept over a hyperparameter.
+
+The chapters compare the same measurement across normalization kinds; these helpers keep one
+colour per kind across every figure of a chapter and put labels, units and legends where a reader
+expects them.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["NORM_COLORS", "NORM_LABELS", "plot_per_layer", "plot_sweep"]
+
+# One colour per normalization kind (the names of normlib.book.models.NORMS), so "batch" is the
+# same colour in every figure; kinds not listed fall back to matplotlib's cycle.
+NORM_COLORS = {
+    "none": "tab:red",
+    "batch": "tab:blue",
+    "layer": "tab:green",
+    "layer2d": "tab:olive",
+    "rms": "tab:purple",
+    "group": "tab:orange",
+    "instance": "tab:brown",
+}
+
+NORM_LABELS = {
+    "none": "no normalization",
+    "batch": "BatchNorm",
+    "layer": "LayerNorm",
+    "layer2d": "LayerNorm over C",
+    "rms": "RMSNorm",
+    "group": "GroupNorm",
+    "instance": "InstanceNorm",
+}
+
+
+def _style(key: str) -> dict:
+    """Colour and label for a curve keyed by a norm kind, or by ``"<kind>: <anything>"``."""
+    kind, separator, detail = key.partition(":")
+    kind = kind.strip()
+    if kind not in NORM_LABELS:
+        return {"label": key}
+    return {"label": NORM_LABELS[kind] + separator + detail, "color": NORM_COLORS[kind]}
+
+
+def plot_per_layer(
+    ax,
+    values: Mapping[str, Sequence[float]],
+    *,
+    ylabel: str,
+    title: str,
+    log: bool = True,
+    first_layer: int = 1,
+    linestyles: Mapping[str, str] | None = None,
+):
+    """One line per key of ``values`` (a norm kind, optionally followed by ``": detail"``) against
+    the layer index, counted from ``first_layer`` at the input side. Returns ``ax``.
+
+    ``log=True`` uses a logarithmic y axis, the only scale on which a vanishing gradient and a
+    healthy one fit in one picture.
+    """
+    if not values:
+        raise ValueError("values must hold at least one curve, got an empty mapping")
+    for key, curve in values.items():
+        curve = np.asarray(curve, dtype=float)
+        if curve.ndim != 1:
+            raise ValueError(f"values[{key!r}] must be one number per layer, got shape {curve.shape}")
+        layers = np.arange(first_layer, first_layer + len(curve))
+        style = _style(key)
+        if linestyles and key in linestyles:
+            style["linestyle"] = linestyles[key]
+        ax.plot(layers, curve, marker="o", markersize=3, **style)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer (1 = next to the input)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def plot_sweep(
+    ax,
+    x: Sequence[float],
+    values: Mapping[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_x: bool = True,
+    failed_y: float | None = None,
+):
+    """One line per key of ``values`` against a swept hyperparameter ``x``; returns ``ax``.
+
+    A NaN in a curve marks a failed (diverged) run: it is drawn as an ``x`` marker at height
+    ``failed_y`` when given, so failures stay visible instead of leaving a silent gap.
+    """
+    x = np.asarray(x, dtype=float)
+    for key, curve in values.items():
+        curve = np.asarray(curve, dtype=float)
+        if curve.shape != x.shape:
+            raise ValueError(f"values[{key!r}] must have one entry per x ({x.shape}), got {curve.shape}")
+        style = _style(key)
+        ax.plot(x, curve, marker="o", **style)
+        failed = np.isnan(curve)
+        if failed_y is not None and failed.any():
+            ax.plot(x[failed], np.full(failed.sum(), failed_y), linestyle="none", marker="x",
+                    markersize=9, color=style.get("color"))
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return ax
