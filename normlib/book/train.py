@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -63,12 +64,15 @@ def train_classifier(
     momentum: float = 0.9,
     progress: bool = False,
     label: str = "",
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> History:
     """Train with cross-entropy, shuffling with a seeded generator; evaluate after each epoch.
 
     Stops early (and says so in the history) when the loss becomes inf or NaN, so a learning-rate
     sweep can count diverged runs instead of crashing. ``progress=True`` prints one line an epoch.
     The last incomplete batch is dropped so that every BatchNorm step sees ``batch_size`` samples.
+    ``on_epoch_end(epoch, model)``, if given, is called after each completed epoch's evaluation
+    (epoch counted from 1), so an experiment can measure the model as it trains.
     """
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -109,4 +113,6 @@ def train_classifier(
                 f"{label}epoch {epoch + 1}/{epochs}: train loss {history.epoch_train_loss[-1]:.2f}, "
                 f"test accuracy {history.epoch_test_accuracy[-1]:.2f}"
             )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model)
     return history
