@@ -1,0 +1,260 @@
+"""normlib's fused CPU path: RMSNorm and the residual-add + norm ops at the cost of moving memory.
+
+Why it exists. ``torch.nn.functional.rms_norm`` on the CPU is a chain of separate ops (square,
+mean, add, rsqrt, multiply, multiply by the weight), each a full pass that writes a full-size
+temporary, so it costs about three times ``F.layer_norm``, which is one fused kernel. The backward
+of the chain is worse still.
+
+What runs (the functions below are the "cpu" backend's entries in :mod:`normlib.backends`):
+
+``rms_norm.c`` (via :mod:`normlib.cpu.native`)
+    One C kernel per direction, compiled on first use: each row is read from memory once, its
+    statistics computed in float32, and the output written once. float32, bfloat16 and float16.
+:mod:`normlib.cpu.blocked`
+    The fallback in plain PyTorch (no C compiler, float64, or a weight whose dtype differs from
+    the input's): rows in cache-sized blocks, no full-size temporaries.
+
+LayerNorm is *not* replaced: PyTorch's CPU kernel is already one pass per direction.
+``add_layer_norm_cpu`` wraps PyTorch's own LayerNorm kernels with the residual add in a single
+autograd node, which adds the gradient arriving on h in place instead of in a new tensor.
+
+All ops here take their arguments already checked by the public op (normlib/rms_norm.py,
+normlib/layer_norm.py), support autograd (first derivatives), any leading shape and
+non-contiguous inputs (copied to contiguous rows first).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from normlib.cpu import blocked, native
+
+__all__ = ["unavailable_reason", "rms_norm_cpu", "add_rms_norm_cpu", "add_layer_norm_cpu"]
+
+
+def unavailable_reason() -> str | None:
+    """None: the blocked PyTorch path runs wherever PyTorch does, with or without the C kernels.
+
+    Why the C kernels are not in use, if they are not, is :func:`normlib.cpu.native.unavailable_reason`.
+    """
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared bookkeeping
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows_and_width(tensor: Tensor, normalized_shape: tuple[int, ...]) -> tuple[int, int]:
+    width = math.prod(normalized_shape)
+    rows = math.prod(tensor.shape[: tensor.dim() - len(normalized_shape)])
+    return rows, width
+
+
+def _as_rows(tensor: Tensor | None, rows: int, width: int) -> Tensor | None:
+    """(*leading, *normalized_shape) -> contiguous (rows, width): a view when possible, else a copy."""
+    return None if tensor is None else tensor.reshape(rows, width).contiguous()
+
+
+def _use_native(input: Tensor, weight: Tensor | None) -> bool:
+    """The C kernels store one dtype (float32, bfloat16 or float16) for input, output and weight."""
+    return (weight is None or weight.dtype == input.dtype) and native.supports(input.dtype)
+
+
+def _gamma32(weight: Tensor | None, width: int) -> Tensor:
+    """The weight as a contiguous float32 (width,) vector, ones when there is none."""
+    if weight is None:
+        return torch.ones(width, dtype=torch.float32)
+    return weight.reshape(width).to(torch.float32).contiguous()
+
+
+def _needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether to build a graph node; inference calls skip autograd.Function's overhead."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _default_eps(eps: float | None, input: Tensor) -> float:
+    return torch.finfo(input.dtype).eps if eps is None else eps
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm and residual add + RMSNorm
+# ----------------------------------------------------------------------------------------------
+
+
+def _rms_forward(
+    input: Tensor, residual: Tensor | None, weight: Tensor | None, shape: tuple[int, ...], eps: float
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, bool]:
+    """Returns ``(y, h, rstd, normalized, used_native)``: y, h and normalized (what the backward
+    needs: h, or the input as contiguous rows) are (rows, width), rstd is (rows,)."""
+    rows, width = _rows_and_width(input, shape)
+    x, res = _as_rows(input, rows, width), _as_rows(residual, rows, width)
+    used_native = _use_native(input, weight)
+    if used_native:
+        y, h, rstd = native.rms_norm_forward(x, res, _gamma32(weight, width), eps)
+    else:
+        y, h, rstd = blocked.forward(x, res, weight, eps)
+    return y, h, rstd, (x if h is None else h), used_native
+
+
+def _rms_backward(
+    ctx: FunctionCtx, dy: Tensor, dh: Tensor | None, needs_dx: bool, needs_dweight: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Returns ``(dx, dweight)`` shaped like the input and the weight."""
+    x, rstd, weight = ctx.saved_tensors
+    rows, width = x.shape
+    dy_rows, dh_rows = _as_rows(dy, rows, width), _as_rows(dh, rows, width)
+    needs_dweight = needs_dweight and weight is not None
+    if ctx.used_native:
+        dx, dweight = native.rms_norm_backward(
+            dy_rows, dh_rows, x, rstd, _gamma32(weight, width), needs_dx, needs_dweight
+        )
+    else:
+        dx, dweight = blocked.backward(dy_rows, dh_rows, x, rstd, weight, needs_dx, needs_dweight)
+    dx = None if dx is None else dx.view(dy.shape)
+    dweight = None if dweight is None else dweight.to(weight.dtype).view(weight.shape)
+    return dx, dweight
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = rms_norm(x) as one graph node."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, input: Tensor, weight: Tensor | None, shape: tuple[int, ...], eps: float
+    ) -> Tensor:
+        y, _, rstd, x, ctx.used_native = _rms_forward(input, None, weight, shape, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return y.view(input.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        dx, dweight = _rms_backward(ctx, dy, None, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, dweight, None, None
+
+
+class _AddRMSNormFunction(torch.autograd.Function):
+    """(y, h) = (rms_norm(x + residual), x + residual) as one graph node."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        residual: Tensor,
+        weight: Tensor | None,
+        shape: tuple[int, ...],
+        eps: float,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to add
+        y, h, rstd, _, ctx.used_native = _rms_forward(input, residual, weight, shape, eps)
+        ctx.save_for_backward(h, rstd, weight)
+        return y.view(input.shape), h.view(input.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
+        if dy is None:  # only h was used downstream: the norm contributes nothing
+            return dh, dh, None, None, None
+        needs_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dx, dweight = _rms_backward(ctx, dy, dh, needs_dx, ctx.needs_input_grad[2])
+        # h = input + residual: both receive dL/dh unchanged (autograd copies before accumulating)
+        return dx, dx, dweight, None, None
+
+
+def rms_norm_cpu(
+    input: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    eps: float | None,
+) -> Tensor:
+    """The "cpu" backend of :func:`normlib.rms_norm`; ``eps=None`` is ``torch.finfo(input.dtype).eps``."""
+    eps = _default_eps(eps, input)
+    if _needs_autograd(input, weight):
+        return _RMSNormFunction.apply(input, weight, normalized_shape, eps)
+    y, _, _, _, _ = _rms_forward(input, None, weight, normalized_shape, eps)
+    return y.view(input.shape)
+
+
+def add_rms_norm_cpu(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    eps: float | None,
+) -> tuple[Tensor, Tensor]:
+    """The "cpu" backend of :func:`normlib.add_rms_norm`: ``(rms_norm(h), h)`` with h = input + residual."""
+    eps = _default_eps(eps, input)
+    if _needs_autograd(input, residual, weight):
+        return _AddRMSNormFunction.apply(input, residual, weight, normalized_shape, eps)
+    y, h, _, _, _ = _rms_forward(input, residual, weight, normalized_shape, eps)
+    return y.view(input.shape), h.view(input.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual add + LayerNorm: PyTorch's LayerNorm kernels, one graph node around them
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_contiguous(input: Tensor, residual: Tensor) -> Tensor:
+    """h = input + residual, contiguous whatever the inputs' strides (native_layer_norm would copy it)."""
+    return torch.add(input, residual, out=torch.empty(input.shape, dtype=input.dtype))
+
+
+class _AddLayerNormFunction(torch.autograd.Function):
+    """(y, h) = (layer_norm(x + residual), x + residual) as one graph node."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        residual: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        shape: tuple[int, ...],
+        eps: float,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        h = _add_contiguous(input, residual)
+        y, mean, rstd = torch.native_layer_norm(h, shape, weight, bias, eps)
+        ctx.save_for_backward(h, mean, rstd, weight, bias)
+        ctx.shape = shape
+        return y, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
+        if dy is None:
+            return dh, dh, None, None, None, None
+        h, mean, rstd, weight, bias = ctx.saved_tensors
+        output_mask = [
+            ctx.needs_input_grad[0] or ctx.needs_input_grad[1],
+            weight is not None and ctx.needs_input_grad[2],
+            bias is not None and ctx.needs_input_grad[3],
+        ]
+        dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+            dy.contiguous(), h, ctx.shape, mean, rstd, weight, bias, output_mask
+        )
+        if dx is not None and dh is not None:
+            dx.add_(dh)
+        return dx, dx, dweight, dbias, None, None
+
+
+def add_layer_norm_cpu(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """The "cpu" backend of :func:`normlib.add_layer_norm`: ``(layer_norm(h), h)`` with h = input + residual."""
+    if _needs_autograd(input, residual, weight, bias):
+        return _AddLayerNormFunction.apply(input, residual, weight, bias, normalized_shape, eps)
+    h = _add_contiguous(input, residual)
+    y, _, _ = torch.native_layer_norm(h, normalized_shape, weight, bias, eps)
+    return y, h
