@@ -186,46 +186,50 @@ def _average_gradients(model: nn.Module, world_size: int) -> None:
 
 
 def train_digits(rank: int, world_size: int, variants: list[str], per_rank_batch: int, epochs: int,
-                 lr: float, seed: int) -> dict[str, dict[str, list[float]]]:
-    """Data-parallel training of SmallCNN on digits, once per variant ("plain" or "sync" BN).
+                 lr: float, seeds: list[int]) -> dict[str, dict[str, list]]:
+    """Data-parallel training of SmallCNN on digits, once per variant ("plain" or "sync" BN) and seed.
 
     Each step takes the next ``per_rank_batch * world_size`` shuffled samples and gives rank r its
     r-th slice; gradients are averaged across ranks, so the only difference between the variants
     is which samples each BatchNorm's statistics come from. Rank 0 evaluates (with its running
     statistics, as DDP's default of broadcasting rank 0's buffers would) after each epoch.
-    Returns, per variant, the test accuracy per epoch and the median seconds per step.
+    Returns, per variant, the test accuracy per epoch for each seed (rank 0; empty lists on the
+    other ranks) and the median seconds per step over all of this rank's steps.
     """
     data = load_digits()
     global_batch = per_rank_batch * world_size
     n = len(data.y_train)
     loss_fn = nn.CrossEntropyLoss()
-    report: dict[str, dict[str, list[float]]] = {}
+    report: dict[str, dict[str, list]] = {}
     for variant in variants:
         if variant not in ("plain", "sync"):
             raise ValueError(f"variants must be 'plain' or 'sync', got {variant!r}")
-        # Same seed on every rank: identical initial weights, as DDP's initial broadcast would give.
-        seed_everything(seed)
-        model = SmallCNN(norm="batch")
-        if variant == "sync":
-            model = convert_sync_batchnorm(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        order_generator = torch.Generator().manual_seed(seed)  # same data order on every rank
-        seed_everything(seed + rank)  # anything random beyond this point is per rank
         accuracies, step_seconds = [], []
-        for _ in range(epochs):
-            model.train()
-            order = torch.randperm(n, generator=order_generator)
-            for start in range(0, n - global_batch + 1, global_batch):
-                mine = order[start + rank * per_rank_batch : start + (rank + 1) * per_rank_batch]
-                began = time.perf_counter()
-                loss = loss_fn(model(data.x_train[mine]), data.y_train[mine])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                _average_gradients(model, world_size)
-                optimizer.step()
-                step_seconds.append(time.perf_counter() - began)
-            if rank == 0:
-                accuracies.append(accuracy(model, data.x_test, data.y_test))
-            dist.barrier()  # the other ranks wait while rank 0 evaluates
-        report[variant] = {"accuracy": accuracies, "step_seconds": [float(np.median(step_seconds))]}
+        for seed in seeds:
+            # Same seed on every rank: identical initial weights, as DDP's initial broadcast gives.
+            seed_everything(seed)
+            model = SmallCNN(norm="batch")
+            if variant == "sync":
+                model = convert_sync_batchnorm(model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+            order_generator = torch.Generator().manual_seed(seed)  # same data order on every rank
+            seed_everything(seed + rank)  # anything random beyond this point is per rank
+            per_epoch = []
+            for _ in range(epochs):
+                model.train()
+                order = torch.randperm(n, generator=order_generator)
+                for start in range(0, n - global_batch + 1, global_batch):
+                    mine = order[start + rank * per_rank_batch : start + (rank + 1) * per_rank_batch]
+                    began = time.perf_counter()
+                    loss = loss_fn(model(data.x_train[mine]), data.y_train[mine])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    _average_gradients(model, world_size)
+                    optimizer.step()
+                    step_seconds.append(time.perf_counter() - began)
+                if rank == 0:
+                    per_epoch.append(accuracy(model, data.x_test, data.y_test))
+                dist.barrier()  # the other ranks wait while rank 0 evaluates
+            accuracies.append(per_epoch)
+        report[variant] = {"accuracy": accuracies, "step_seconds": float(np.median(step_seconds))}
     return report
