@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import normlib
-from normlib.book.tasks import TASKS, make_batch, train_on_task, warmup_factor
+from normlib.book.tasks import IGNORE, PAD, TASKS, evaluate, make_batch, train_on_task, warmup_factor
 from normlib.book.transformer import NORMS, BatchNormOverTokens, Block, TinyTransformer, make_norm
 
 
@@ -127,6 +127,31 @@ def test_sort_targets_are_ascending_permutations_of_the_input():
     assert not torch.equal(inputs, targets)
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_padded_batches_apply_the_task_to_the_unpadded_part(task):
+    inputs, targets = make_batch(task, 64, 8, torch.Generator().manual_seed(5), min_length=3)
+    lengths = (inputs != PAD).sum(dim=1)  # (B,)
+    assert lengths.min() >= 3 and lengths.max() <= 8
+    assert len(set(lengths.tolist())) > 1  # lengths really vary
+    for row_in, row_out, n in zip(inputs, targets, lengths.tolist()):
+        assert (row_in[n:] == PAD).all() and (row_out[n:] == IGNORE).all()
+        digits = row_in[:n]
+        assert (digits < 10).all()
+        expected = {"copy": digits, "reverse": digits.flip(dims=[0]), "sort": digits.sort().values}[task]
+        assert torch.equal(row_out[:n], expected)
+
+
+def test_accuracy_ignores_padded_positions():
+    inputs, targets = make_batch("copy", 16, 6, torch.Generator().manual_seed(0), min_length=2)
+
+    class Oracle(nn.Module):
+        # right at every real position and wrong (class 0 vs IGNORE) at every padded one
+        def forward(self, idx):
+            return nn.functional.one_hot(targets.clamp(min=0), 11).float()
+
+    assert evaluate(Oracle(), inputs, targets) == (1.0, 1.0)
+
+
 def test_batches_are_reproducible_from_the_seed():
     a = make_batch("sort", 8, 5, torch.Generator().manual_seed(3))
     b = make_batch("sort", 8, 5, torch.Generator().manual_seed(3))
@@ -143,6 +168,8 @@ def test_tasks_reject_bad_arguments_with_their_names():
         make_batch("copy", 0, 4, generator)
     with pytest.raises(ValueError, match="length"):
         make_batch("copy", 4, 0, generator)
+    with pytest.raises(ValueError, match="min_length"):
+        make_batch("copy", 4, 4, generator, min_length=5)
     with pytest.raises(ValueError, match="warmup_steps"):
         warmup_factor(0, -1)
     with pytest.raises(ValueError, match="steps"):

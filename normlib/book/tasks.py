@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 TASKS = ("copy", "reverse", "sort")
-NUM_DIGITS = 10  # tokens 0..9; the models' vocabulary size
+NUM_DIGITS = 10  # tokens 0..9
+PAD = 10  # the padding token of variable-length batches; a model that sees it needs vocab_size 11
+IGNORE = -100  # the target at padded positions: nn.CrossEntropyLoss skips it (its ignore_index)
 
 
 def make_batch(
@@ -26,8 +28,15 @@ def make_batch(
     batch_size: int,
     length: int,
     generator: torch.Generator,
+    *,
+    min_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of random digit sequences and their targets, both int64 tensors of shape (B, T)."""
+    """A batch of random digit sequences and their targets, both int64 tensors of shape (B, T).
+
+    With ``min_length``, each sequence has its own length, uniform in [min_length, length], and is
+    padded at the end with :data:`PAD` up to ``length``, as batches of sentences are; the task then
+    applies to the unpadded part and the targets at padded positions are :data:`IGNORE`.
+    """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if batch_size < 1:
@@ -41,6 +50,19 @@ def make_batch(
         targets = inputs.flip(dims=[1])  # flip along T
     else:
         targets = inputs.sort(dim=1).values  # sort along T
+    if min_length is None:
+        return inputs, targets
+    if not 1 <= min_length <= length:
+        raise ValueError(f"min_length must be in [1, length={length}], got {min_length}")
+    lengths = torch.randint(min_length, length + 1, (batch_size,), generator=generator)  # (B,)
+    for row, n in enumerate(lengths.tolist()):
+        inputs[row, n:] = PAD
+        sequence = inputs[row, :n]
+        if task == "reverse":
+            targets[row, :n] = sequence.flip(dims=[0])
+        elif task == "sort":
+            targets[row, :n] = sequence.sort().values
+        targets[row, n:] = IGNORE
     return inputs, targets
 
 
@@ -85,8 +107,10 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> t
     model.eval()
     predictions = model(inputs).argmax(dim=-1)  # (B, T)
     model.train(was_training)
-    correct = predictions == targets  # (B, T)
-    return correct.float().mean().item(), correct.all(dim=1).float().mean().item()
+    real = targets != IGNORE  # (B, T): padded positions do not count
+    correct = (predictions == targets) | ~real  # (B, T)
+    token_accuracy = (correct & real).sum().item() / real.sum().item()
+    return token_accuracy, correct.all(dim=1).float().mean().item()
 
 
 def train_on_task(
@@ -98,6 +122,7 @@ def train_on_task(
     warmup_steps: int = 0,
     batch_size: int = 64,
     length: int = 8,
+    min_length: int | None = None,
     seed: int = 0,
     progress: bool = False,
     label: str = "",
@@ -107,20 +132,23 @@ def train_on_task(
     Adam with betas (0.9, 0.98) as in Vaswani et al. (2017) and Xiong et al. (2020); no gradient
     clipping, because clipping would hide the instability that the warm-up experiment looks for.
     Stops early when the loss becomes inf or NaN. ``progress=True`` prints one line at the end.
+    ``min_length`` makes the batches variable-length and padded (see :func:`make_batch`).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     generator = torch.Generator().manual_seed(seed)
-    test_inputs, test_targets = make_batch(task, 512, length, torch.Generator().manual_seed(seed + 10_000))
+    test_inputs, test_targets = make_batch(
+        task, 512, length, torch.Generator().manual_seed(seed + 10_000), min_length=min_length
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup_steps))
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
     history = SequenceHistory()
     model.train()
     for _ in range(steps):
-        inputs, targets = make_batch(task, batch_size, length, generator)
+        inputs, targets = make_batch(task, batch_size, length, generator, min_length=min_length)
         logits = model(inputs)  # (B, T, V)
         loss = loss_fn(logits.flatten(0, 1), targets.flatten())  # over all B*T positions
         optimizer.zero_grad(set_to_none=True)
