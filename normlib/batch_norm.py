@@ -233,8 +233,9 @@ def batch_norm_torch(
 class _NormBase(nn.Module):
     """Parameters and running-statistics buffers shared by BatchNorm and InstanceNorm.
 
-    Mirrors ``torch.nn.modules.batchnorm._NormBase`` so that state_dicts load both ways: the same
-    parameter and buffer names, shapes and dtypes, and buffers that exist exactly when torch's do.
+    Mirrors ``torch.nn.modules.batchnorm._NormBase`` (PyTorch 2.13, including its keyword-only
+    ``bias``) so that state_dicts load both ways: the same parameter and buffer names, shapes and
+    dtypes, and buffers that exist exactly when torch's do.
     """
 
     _version = 2  # torch's _NormBase version: its state_dicts carry num_batches_tracked
@@ -249,6 +250,7 @@ class _NormBase(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -262,7 +264,10 @@ class _NormBase(nn.Module):
         self.backend = backend
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -286,7 +291,8 @@ class _NormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
@@ -294,7 +300,7 @@ class _NormBase(nn.Module):
     def extra_repr(self) -> str:
         text = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
         return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"
 

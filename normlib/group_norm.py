@@ -185,6 +185,7 @@ class GroupNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -199,7 +200,10 @@ class GroupNorm(nn.Module):
         self.backend = backend
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -208,11 +212,12 @@ class GroupNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
-        text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}"
         return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"

@@ -17,6 +17,7 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -215,13 +216,14 @@ class _InstanceNorm(_NormBase):
         momentum: float | None = 0.1,
         affine: bool = False,
         track_running_stats: bool = False,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, backend=backend
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, backend=backend
         )
 
     def forward(self, input: Tensor) -> Tensor:

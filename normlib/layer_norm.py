@@ -298,7 +298,10 @@ class LayerNorm(nn.Module):
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
-        text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        text = (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
         return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"
 
 
@@ -357,5 +360,8 @@ class LayerNorm2d(nn.Module):
         return y.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
 
     def extra_repr(self) -> str:
-        text = f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        text = (
+            f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
         return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"
