@@ -1,0 +1,196 @@
+"""The reference pages (glossary.md, claims.md) agree with the chapters they point into.
+
+The book builds with ``-W``, so a {ref} to a target no chapter defines breaks the build; these tests
+name the missing target directly and run in a fraction of a second. They also check completeness:
+every claim a chapter settles is on the claims page, every term a chapter defines is in the
+glossary, and every claim of the source documents (listed here explicitly, so the test does not
+read anything outside the repository) has a row with a verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLAIMS_PAGE = ROOT / "claims.md"
+GLOSSARY_PAGE = ROOT / "glossary.md"
+
+# The claims of the five source documents that the book settles: "<document>-<slug>", the id used
+# in claims.md's first column and, prefixed with "claim-", as the target in the chapter that
+# settles it. The first group is the starting list of the seeds' README; the rest were added by
+# the chapters.
+REQUIRED_CLAIMS = {
+    "000-ln-normalizes-weights": "LayerNorm normalizes each layer's weights",
+    "000-ln-cost": "LayerNorm takes more time and memory on large data sets",
+    "000-dataset-size": "BatchNorm suits large data sets, LayerNorm small ones",
+    "000-sequence-lengths": "BatchNorm's statistics stop fitting when sequence lengths differ",
+    "001-convnext-ln": "ConvNeXt puts a LayerNorm before and after downsampling",
+    "001-bn-divides-by-nhw": "BatchNorm divides by N*H*W, not N",
+    "001-bn-noise-rl": "BatchNorm's noise hurts noise-sensitive methods such as RL",
+    "001-ln-same-train-eval": "LayerNorm behaves the same in training and inference",
+    "001-bn-train-eval-gap": "BatchNorm uses batch statistics in training, running ones in inference",
+    "002-normalization-vs-standardization": "normalization scales to [0, 1], standardization to mean 0 and variance 1",
+    "002-internal-covariate-shift": "BatchNorm works by reducing internal covariate shift",
+    "002-transformers-use-ln": "Transformers use LayerNorm rather than BatchNorm",
+    "003-bn-gradients": "BatchNorm mitigates vanishing and exploding gradients",
+    "003-instance-norm": "InstanceNorm is a third common technique alongside BatchNorm and LayerNorm",
+    "004-rmsnorm-formula": "RMSNorm is x / (RMS(x) + eps) with a learned shift",
+    "004-no-torch-rmsnorm": "PyTorch has no built-in RMSNorm",
+    "004-cost-table": "cost: BatchNorm medium, LayerNorm large, RMSNorm small",
+    "004-ln-in-cnns": "LayerNorm has little effect in CNNs",
+    "004-bn-regularization": "BatchNorm regularizes, LayerNorm and RMSNorm do not",
+}
+
+VERDICTS = {"right", "partly right", "wrong", "out of date"}
+
+TARGET_LINE = re.compile(r"^\((?P<label>(?:claim|term)-[a-z0-9-]+)\)=\s*$", re.MULTILINE)
+REF = re.compile(r"\{ref\}`(?P<body>[^`]+)`")
+DOC = re.compile(r"\{doc\}`(?:[^`<]*<)?(?P<path>[^`>]+)>?`")
+CITE = re.compile(r"\{cite(?::[a-z]+)?\}`(?P<keys>[^`]+)`")
+BIB_KEY = re.compile(r"^@\w+\{(?P<key>[^,\s]+),", re.MULTILINE)
+
+
+def ref_label(body: str) -> tuple[str, bool]:
+    """The label of a {ref} role and whether it has an explicit title (``text <label>``)."""
+    match = re.fullmatch(r"(?s)(?P<title>.*\S)\s*<(?P<label>[^<>]+)>", body)
+    if match:
+        return match["label"].strip(), True
+    return body.strip(), False
+
+
+def defined_targets(root: Path = ROOT) -> dict[str, str]:
+    """Every (claim-...)= and (term-...)= target of the book: label -> file that defines it."""
+    found: dict[str, str] = {}
+    pages = list(root.glob("*.md")) + list((root / "chapters").glob("*.md"))
+    texts = [(page, page.read_text(encoding="utf-8")) for page in pages]
+    for notebook in sorted((root / "chapters").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        markdown = ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown"]
+        texts.append((notebook, "\n\n".join(markdown)))
+    for path, text in texts:
+        for match in TARGET_LINE.finditer(text):
+            found.setdefault(match["label"], str(path.relative_to(root)))
+    return found
+
+
+def referenced_labels(text: str) -> list[tuple[str, bool]]:
+    return [ref_label(match["body"]) for match in REF.finditer(text)]
+
+
+def claims_table_rows(text: str) -> list[list[str]]:
+    """Cells of the claims table's body rows: a Markdown pipe table whose first column is the id."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("|") or re.fullmatch(r"\|[\s:|-]+\|", line):
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells and cells[0].lower() == "id":
+            continue  # the header row
+        rows.append(cells)
+    return rows
+
+
+def read(page: Path) -> str:
+    if not page.is_file():
+        pytest.fail(f"{page.name} is missing; it is listed in _toc.yml")
+    return page.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# The helpers themselves: they must be able to find a problem, or the tests below prove nothing.
+# --------------------------------------------------------------------------------------------
+
+
+def test_ref_label_reads_both_forms():
+    assert ref_label("claim-001-convnext-ln") == ("claim-001-convnext-ln", False)
+    assert ref_label("chapter 6 <claim-001-convnext-ln>") == ("claim-001-convnext-ln", True)
+
+
+def test_defined_targets_finds_targets_in_notebooks_and_pages(tmp_path):
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "page.md").write_text("(term-a)=\n## A\n\nnot a target: (term-b)= inline\n")
+    notebook = {"cells": [
+        {"cell_type": "markdown", "source": ["(claim-000-x)=\n", "### X\n"]},
+        {"cell_type": "code", "source": ["# (claim-000-y)=\n"]},
+    ]}
+    (tmp_path / "chapters" / "01.ipynb").write_text(json.dumps(notebook))
+    assert defined_targets(tmp_path) == {"term-a": "page.md", "claim-000-x": "chapters/01.ipynb"}
+
+
+def test_claims_table_rows_skips_header_and_rule():
+    text = "| id | claim |\n| --- | --- |\n| 001-x | a claim |\n\nprose | with a pipe\n"
+    assert claims_table_rows(text) == [["001-x", "a claim"]]
+
+
+# --------------------------------------------------------------------------------------------
+# The pages
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", [CLAIMS_PAGE, GLOSSARY_PAGE], ids=lambda p: p.name)
+def test_every_ref_points_to_an_existing_target_and_has_a_title(page):
+    targets = defined_targets()
+    refs = referenced_labels(read(page))
+    assert refs, f"{page.name} links to no chapter at all"
+    missing = sorted({label for label, _ in refs if label not in targets})
+    assert not missing, f"{page.name} links to targets no chapter or page defines: {missing}"
+    # A label that precedes a paragraph rather than a heading has no title of its own, and
+    # Sphinx warns (and -W fails the build) on a bare {ref} to it; an explicit title always works.
+    untitled = sorted({label for label, titled in refs if not titled})
+    assert not untitled, f"{page.name} has {{ref}} roles without an explicit title: {untitled}"
+
+
+@pytest.mark.parametrize("page", [CLAIMS_PAGE, GLOSSARY_PAGE], ids=lambda p: p.name)
+def test_every_doc_link_and_citation_exists(page):
+    text = read(page)
+    for match in DOC.finditer(text):
+        path = (page.parent / match["path"].strip()).resolve()
+        assert path.with_suffix(".ipynb").is_file() or path.with_suffix(".md").is_file(), (
+            f"{page.name}: {{doc}} link to {match['path']!r}, which is neither a notebook nor a page"
+        )
+    known = set(BIB_KEY.findall((ROOT / "references.bib").read_text(encoding="utf-8")))
+    cited = {key.strip() for match in CITE.finditer(text) for key in match["keys"].split(",")}
+    assert cited <= known, f"{page.name} cites keys missing from references.bib: {sorted(cited - known)}"
+
+
+def test_claims_page_has_a_row_with_a_verdict_and_a_source_for_every_required_claim():
+    rows = claims_table_rows(read(CLAIMS_PAGE))
+    ids = [cells[0].strip("`") for cells in rows]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    assert not duplicated, f"claims.md lists these ids twice: {duplicated}"
+    missing = sorted(set(REQUIRED_CLAIMS) - set(ids))
+    assert not missing, f"claims.md has no row for: {missing}"
+    for cells in rows:
+        assert len(cells) == 5, f"claims.md row {cells[0]!r} should have 5 cells (id, claim, source, verdict, settled by)"
+        claim_id, _claim, source, verdict, settled_by = cells
+        document = claim_id.strip("`").split("-")[0]
+        if re.fullmatch(r"\d{3}", document):  # ids of seed claims start with the document number
+            assert document in source, f"claims.md row {claim_id}: the source column should name document {document}"
+        assert verdict.strip("*").lower() in VERDICTS, (
+            f"claims.md row {claim_id}: verdict {verdict!r} is not one of {sorted(VERDICTS)}"
+        )
+        assert re.search(r"\{(ref|doc|cite)\}", settled_by), (
+            f"claims.md row {claim_id}: link the chapter cell ({{ref}}), the chapter ({{doc}}) or a paper ({{cite}})"
+        )
+
+
+def test_claims_page_links_each_claim_that_a_chapter_settles():
+    targets = defined_targets()
+    rows = {cells[0].strip("`"): cells for cells in claims_table_rows(read(CLAIMS_PAGE))}
+    for label in sorted(t for t in targets if t.startswith("claim-")):
+        claim_id = label.removeprefix("claim-")
+        assert claim_id in rows, f"{targets[label]} settles {label}, but claims.md has no row {claim_id}"
+        linked = {ref_label(m["body"])[0] for m in REF.finditer(rows[claim_id][4])}
+        assert label in linked, f"claims.md row {claim_id} should link {{ref}} to {label} in {targets[label]}"
+
+
+def test_glossary_links_every_term_that_a_chapter_defines():
+    targets = defined_targets()
+    linked = {label for label, _ in referenced_labels(read(GLOSSARY_PAGE))}
+    unlisted = sorted(t for t in targets if t.startswith("term-") and t not in linked)
+    assert not unlisted, f"terms defined in the chapters but missing from glossary.md: {unlisted}"
