@@ -13,13 +13,15 @@ is about to use.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LayerStatistics", "layer_statistics"]
+__all__ = ["LayerStatistics", "layer_outputs", "layer_statistics"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,22 @@ class LayerStatistics:
     activation_grad_norm: np.ndarray  # (L_watched,) Frobenius norm of dloss/d(output), whole batch
     weight_grad_norm: np.ndarray  # (L_weights,) Frobenius norm of dloss/d(weight)
     loss: float
+
+
+@contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Put every buffer back as it was on exit.
+
+    BatchNorm in training mode updates its running statistics on every forward pass; a
+    measurement must leave them as they were.
+    """
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
 
 
 def _modules_of_type(model: nn.Module, kind: type[nn.Module] | tuple[type[nn.Module], ...]) -> list[nn.Module]:
@@ -71,25 +89,15 @@ def layer_statistics(
         raise ValueError(f"weights_of={weights_of!r}: the model has no module of that type with a weight")
 
     outputs: list[torch.Tensor] = []
-
-    def keep_output(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        outputs.append(output)
-
-    # BatchNorm in training mode updates its running statistics on every forward pass; a
-    # measurement must leave them as they were.
-    saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    handles = [m.register_forward_hook(keep_output) for m in watched]
+    handles = [m.register_forward_hook(lambda _m, _i, output: outputs.append(output)) for m in watched]
     try:
-        with torch.enable_grad():
+        with _buffers_restored(model), torch.enable_grad():
             loss = nn.functional.cross_entropy(model(x), y)
             weights = [m.weight for m in weighted]
             grads = torch.autograd.grad(loss, outputs + weights)
     finally:
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                buffer.copy_(saved_buffers[name])
 
     if len(outputs) != len(watched):
         raise RuntimeError(
@@ -105,3 +113,30 @@ def layer_statistics(
         weight_grad_norm=np.array([g.double().norm().item() for g in weight_grads]),
         loss=loss.item(),
     )
+
+
+@torch.no_grad()
+def layer_outputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    watch: type[nn.Module] | tuple[type[nn.Module], ...] = nn.ReLU,
+) -> list[torch.Tensor]:
+    """The outputs of every ``watch`` module (depth order) for input ``x``, one tensor each.
+
+    Runs in the mode the model is in and leaves its buffers (BatchNorm's running statistics) as
+    they were, like :func:`layer_statistics`; use it for per-feature statistics that the summary
+    numbers of :func:`layer_statistics` average away.
+    """
+    watched = _modules_of_type(model, watch)
+    if not watched:
+        raise ValueError(f"watch={watch!r}: the model has no module of that type")
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _i, output: outputs.append(output)) for m in watched]
+    try:
+        with _buffers_restored(model):
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
