@@ -192,6 +192,8 @@ def batch_norm(
     check_tensor_like_input(weight, "weight", input, channels)
     check_tensor_like_input(bias, "bias", input, channels)
     check_eps(eps)
+    if training and eps == 0.0:  # torch refuses it too: a constant channel would divide 0 by 0
+        raise ValueError("eps must be positive when training=True, got eps=0.0")
     if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
         # One value per channel has no variance to normalize by (and an unbiased estimate 0/0).
         raise ValueError(
