@@ -53,13 +53,14 @@ def plot_per_layer(
     title: str,
     log: bool = True,
     first_layer: int = 1,
-    linestyles: Mapping[str, str] | None = None,
+    styles: Mapping[str, dict] | None = None,
 ):
     """One line per key of ``values`` (a norm kind, optionally followed by ``": detail"``) against
     the layer index, counted from ``first_layer`` at the input side. Returns ``ax``.
 
     ``log=True`` uses a logarithmic y axis, the only scale on which a vanishing gradient and a
-    healthy one fit in one picture.
+    healthy one fit in one picture. ``styles[key]`` (matplotlib line keywords such as
+    ``{"linestyle": "--"}``) overrides the default colour and label of one curve.
     """
     if not values:
         raise ValueError("values must hold at least one curve, got an empty mapping")
@@ -68,9 +69,7 @@ def plot_per_layer(
         if curve.ndim != 1:
             raise ValueError(f"values[{key!r}] must be one number per layer, got shape {curve.shape}")
         layers = np.arange(first_layer, first_layer + len(curve))
-        style = _style(key)
-        if linestyles and key in linestyles:
-            style["linestyle"] = linestyles[key]
+        style = {**_style(key), **(styles or {}).get(key, {})}
         ax.plot(layers, curve, marker="o", markersize=3, **style)
     if log:
         ax.set_yscale("log")
@@ -92,23 +91,27 @@ def plot_sweep(
     title: str,
     log_x: bool = True,
     failed_y: float | None = None,
+    styles: Mapping[str, dict] | None = None,
 ):
     """One line per key of ``values`` against a swept hyperparameter ``x``; returns ``ax``.
 
     A NaN in a curve marks a failed (diverged) run: it is drawn as an ``x`` marker at height
-    ``failed_y`` when given, so failures stay visible instead of leaving a silent gap.
+    ``failed_y`` when given, so failures stay visible instead of leaving a silent gap; the markers
+    of successive curves are staggered slightly downwards so that failures of two curves at the
+    same ``x`` do not hide each other. ``styles`` works as in :func:`plot_per_layer`.
     """
     x = np.asarray(x, dtype=float)
-    for key, curve in values.items():
+    stagger = 0.02 * (ax.get_ylim()[1] - ax.get_ylim()[0]) if failed_y is not None else 0.0
+    for index, (key, curve) in enumerate(values.items()):
         curve = np.asarray(curve, dtype=float)
         if curve.shape != x.shape:
             raise ValueError(f"values[{key!r}] must have one entry per x ({x.shape}), got {curve.shape}")
-        style = _style(key)
-        ax.plot(x, curve, marker="o", **style)
+        style = {**_style(key), **(styles or {}).get(key, {})}
+        (line,) = ax.plot(x, curve, marker="o", **style)
         failed = np.isnan(curve)
         if failed_y is not None and failed.any():
-            ax.plot(x[failed], np.full(failed.sum(), failed_y), linestyle="none", marker="x",
-                    markersize=9, color=style.get("color"))
+            ax.plot(x[failed], np.full(failed.sum(), failed_y - index * stagger), linestyle="none",
+                    marker="x", markersize=9, markeredgewidth=2, color=line.get_color())
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
