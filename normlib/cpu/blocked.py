@@ -26,9 +26,9 @@ __all__ = ["forward", "backward"]
 _CHUNK_BYTES = 256 * 1024
 
 
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else (float32, float16, bfloat16) is computed in float32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32, float16 and bfloat16 are computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _rows_per_chunk(width: int, dtype: torch.dtype) -> int:
@@ -44,9 +44,8 @@ def forward(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Returns ``(y, h, rstd)``: y (rows, width), h (rows, width) or None, rstd (rows,) in the compute dtype."""
     rows, width = x.shape
-    out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
-    compute = _compute_dtype(x.dtype, out_dtype)
-    y = torch.empty((rows, width), dtype=out_dtype)
+    compute = _compute_dtype(x.dtype)
+    y = torch.empty((rows, width), dtype=x.dtype)  # PyTorch's dtype, whatever the weight's
     h = None if residual is None else torch.empty((rows, width), dtype=x.dtype)
     rstd = torch.empty(rows, dtype=compute)
     if rows == 0 or width == 0:
@@ -55,7 +54,7 @@ def forward(
     gamma = None if weight is None else weight.reshape(width).to(compute)
     eps_tensor = torch.tensor(eps, dtype=compute)
     step = _rows_per_chunk(width, compute)
-    # x in the compute dtype when it is not already (float16/bfloat16, or mixed with a float64 weight)
+    # float16/bfloat16 rows are copied to float32 here, one chunk at a time
     scratch = torch.empty((min(step, rows), width), dtype=compute) if x.dtype != compute else None
     for start in range(0, rows, step):
         stop = min(start + step, rows)

@@ -151,14 +151,19 @@ typedef struct {
             const T *x = (const T *)a->x + row * n;                                                 \
             const T *dy = (const T *)a->dy + row * n;                                               \
             const float rstd = a->rstd[row];                                                        \
+            /* one walk for both row sums: dgamma's contribution and sum_j x_j * wdy_j */           \
+            float dot = 0.0f; /* sum_j x_j * wdy_j = n * c1 / rstd */                               \
             if (dgamma) {                                                                           \
-                _Pragma("omp simd") for (int64_t j = 0; j < n; j++)                                \
-                    dgamma[j] += load_##SUFFIX(dy, j) * load_##SUFFIX(x, j) * rstd;                 \
+                _Pragma("omp simd reduction(+ : dot)") for (int64_t j = 0; j < n; j++) {           \
+                    const float x_dy = load_##SUFFIX(x, j) * load_##SUFFIX(dy, j);                  \
+                    dgamma[j] += x_dy * rstd;                                                       \
+                    dot += x_dy * a->gamma[j];                                                      \
+                }                                                                                   \
+            } else if (a->dx) {                                                                     \
+                _Pragma("omp simd reduction(+ : dot)") for (int64_t j = 0; j < n; j++)             \
+                    dot += load_##SUFFIX(x, j) * a->gamma[j] * load_##SUFFIX(dy, j);                \
             }                                                                                       \
             if (!a->dx) continue;                                                                   \
-            float dot = 0.0f; /* sum_j x_j * wdy_j = n * c1 / rstd */                               \
-            _Pragma("omp simd reduction(+ : dot)") for (int64_t j = 0; j < n; j++)                 \
-                dot += load_##SUFFIX(x, j) * a->gamma[j] * load_##SUFFIX(dy, j);                    \
             /* dx_j = rstd * wdy_j - x_j * rstd^2 * c1, and rstd^2 * c1 = rstd^3 * dot / n */       \
             const float x_coefficient = rstd * rstd * rstd * dot / (float)n;                        \
             T *dx = (T *)a->dx + row * n;                                                           \
