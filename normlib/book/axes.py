@@ -12,9 +12,13 @@ each sample (``GroupNorm(1, C)``), "layer2d" is the ConvNeXt LayerNorm over C al
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 KINDS = ("batch", "layer", "layer2d", "instance", "group")
 
@@ -71,8 +75,8 @@ def plot_norm_axes(
     hw: int = 5,
     groups: int = 2,
     color: str = "tab:blue",
-    fig=None,
-):
+    fig: Figure | None = None,
+) -> Figure:
     """Draw one (N, C, H*W) box per norm in ``kinds``, with one set of shared statistics coloured.
 
     Returns the matplotlib Figure (a new one unless ``fig`` is given). ``n``, ``c`` and ``hw`` are
@@ -94,7 +98,7 @@ def plot_norm_axes(
     return fig
 
 
-def _draw_box(ax, mask: np.ndarray, color: str) -> None:
+def _draw_box(ax: Axes, mask: np.ndarray, color: str) -> None:
     """One box of cells: the plot's x axis is N, its depth C and its height H*W (Wu & He's layout)."""
     # voxels index (x, y, z) = (N, C, HW). Sample 0 is put on the right face and position 0 on the
     # top face, the two faces the view angle shows, so every kind's coloured block is visible.
