@@ -11,6 +11,7 @@ ValueError.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -84,23 +85,39 @@ def check_residual(residual: torch.Tensor, input: torch.Tensor) -> None:
 
 def check_normalized_shape(normalized_shape: int | Sequence[int], input: torch.Tensor) -> tuple[int, ...]:
     """``normalized_shape`` as a tuple, after checking it equals the trailing dimensions of ``input``."""
-    if isinstance(normalized_shape, int):
+    # Fast paths for the usual spellings, 8 and (8,) (the modules store a tuple of ints);
+    # everything else (lists, torch.Size, NumPy integers) takes the general path.
+    if type(normalized_shape) is int:
         shape: tuple[int, ...] = (normalized_shape,)
+    elif type(normalized_shape) is tuple and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+        shape = normalized_shape
+    elif type(normalized_shape) is tuple and normalized_shape and all(type(size) is int for size in normalized_shape):
+        shape = normalized_shape
     else:
-        if not isinstance(normalized_shape, Sequence) or not all(
-            isinstance(size, int) for size in normalized_shape
-        ):
-            raise TypeError(
-                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-            )
-        shape = tuple(normalized_shape)
-        if not shape:
-            raise ValueError("normalized_shape must have at least one dimension, got ()")
-    if input.shape[-len(shape) :] != shape or input.dim() < len(shape):
+        shape = _as_shape(normalized_shape)
+    count = len(shape)
+    if count == 1:
+        matches = input.dim() >= 1 and input.shape[-1] == shape[0]
+    else:
+        matches = input.dim() >= count and input.shape[-count:] == shape
+    if not matches:
         raise ValueError(
-            f"normalized_shape={list(shape)} must equal the last {len(shape)} dimension(s) of input, "
+            f"normalized_shape={list(shape)} must equal the last {count} dimension(s) of input, "
             f"got input of shape {tuple(input.shape)}"
         )
+    return shape
+
+
+def _as_shape(normalized_shape: object) -> tuple[int, ...]:
+    expected = "normalized_shape must be an int or a non-empty sequence of ints"
+    if isinstance(normalized_shape, (str, bytes)) or not isinstance(normalized_shape, Sequence):
+        raise TypeError(f"{expected}, got {normalized_shape!r}")
+    try:
+        shape = tuple(operator.index(size) for size in normalized_shape)
+    except TypeError:
+        raise TypeError(f"{expected}, got {normalized_shape!r}") from None
+    if not shape:
+        raise ValueError(f"{expected}, got ()")
     return shape
 
 
