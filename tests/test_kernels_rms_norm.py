@@ -145,3 +145,18 @@ def test_custom_op_registration_passes_opcheck():
     x, residual = make((3, 16), torch.float32, 1).requires_grad_(), make((3, 16), torch.float32, 2)
     w = make((16,), torch.float32, 3).requires_grad_()
     torch.library.opcheck(kernels._rms_norm_fwd_op, (x, residual.requires_grad_(), w, 16, 1e-6))
+
+
+def test_runs_inside_torch_compile_without_graph_breaks():
+    # fullgraph=True fails on any graph break; "aot_eager" traces forward and backward through the
+    # fake implementations and the autograd registration without Inductor's slow CPU compile.
+    def block(x, residual, w):
+        y, h = kernels.add_rms_norm_triton(x, residual, (37,), w, None)
+        return (y.sin() + h).sum()
+
+    inputs = [make(s, torch.float32, i).requires_grad_() for i, s in enumerate([(5, 37), (5, 37), (37,)])]
+    eager_grads = torch.autograd.grad(block(*inputs), inputs)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
+    for eager, traced in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(traced, eager, rtol=0, atol=0)

@@ -12,5 +12,7 @@ layer_norm.py      LayerNorm: forward and backward kernels, their wrappers, the 
 rms_norm.py        RMSNorm: the same, without the mean and the bias
 _rows.py           what both share: the (rows, width) view of a tensor, block and grid sizes,
                    and the deterministic second-stage sum of the per-program weight gradients
+compile_check.py   ``python -m normlib.kernels.compile_check``: compiles every kernel variant for a
+                   GPU architecture without a GPU (catches what the CPU interpreter cannot)
 =================  ==========================================================================
 """
