@@ -261,6 +261,18 @@ def test_fp32_input_with_large_mean_normalizes_correctly(layout):
             assert actual.std() > 0.9, f"{name}: output lost the signal (std {actual.std():.3g})"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_statistics_are_accumulated_in_float32(dtype):
+    """8 + N(0, 1) with 4096 values per statistic: in float16 their sum (~3.3e4) has an ulp of 32
+    and their sum of squares (~2.7e5) overflows to inf, so accumulating in the input dtype would
+    give a useless mean and an infinite RMS. Outputs must match float64 at the dtype's tolerance."""
+    x = randn((2, 4, 4096), dtype, shift=8.0)
+    expected = every_op(x.double().unsqueeze(2))  # (N, C, 1, L): every_op wants 4-D
+    for name, actual in every_op(x.unsqueeze(2)).items():
+        assert actual.dtype == dtype, name
+        assert_close_all([actual.double()], [expected[name]], dtype, name)
+
+
 def test_empty_batch_behaves_like_torch():
     mean, var = running_stats(3, torch.float32)
     ours_stats, theirs_stats = (mean.clone(), var.clone()), (mean.clone(), var.clone())
