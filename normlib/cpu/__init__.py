@@ -50,14 +50,24 @@ def unavailable_reason() -> str | None:
 
 
 def _rows_and_width(tensor: Tensor, normalized_shape: tuple[int, ...]) -> tuple[int, int]:
-    width = math.prod(normalized_shape)
+    width = normalized_shape[0] if len(normalized_shape) == 1 else math.prod(normalized_shape)
     rows = math.prod(tensor.shape[: tensor.dim() - len(normalized_shape)])
     return rows, width
 
 
+# The helpers below skip work (a view, a dtype conversion) when it would change nothing: on small
+# tensors every PyTorch call costs about a microsecond, comparable to the kernel itself.
+
+
 def _as_rows(tensor: Tensor | None, rows: int, width: int) -> Tensor | None:
     """(*leading, *normalized_shape) -> contiguous (rows, width): a view when possible, else a copy."""
-    return None if tensor is None else tensor.reshape(rows, width).contiguous()
+    if tensor is None or (tensor.dim() == 2 and tensor.is_contiguous()):
+        return tensor
+    return tensor.reshape(rows, width).contiguous()
+
+
+def _shaped_like(tensor: Tensor, shape: torch.Size) -> Tensor:
+    return tensor if tensor.shape == shape else tensor.view(shape)
 
 
 def _use_native(input: Tensor, weight: Tensor | None) -> bool:
@@ -69,6 +79,8 @@ def _gamma32(weight: Tensor | None, width: int) -> Tensor:
     """The weight as a contiguous float32 (width,) vector, ones when there is none."""
     if weight is None:
         return torch.ones(width, dtype=torch.float32)
+    if weight.dtype == torch.float32 and weight.dim() == 1 and weight.is_contiguous():
+        return weight
     return weight.reshape(width).to(torch.float32).contiguous()
 
 
@@ -115,8 +127,9 @@ def _rms_backward(
         )
     else:
         dx, dweight = blocked.backward(dy_rows, dh_rows, x, rstd, weight, needs_dx, needs_dweight)
-    dx = None if dx is None else dx.view(dy.shape)
-    dweight = None if dweight is None else dweight.to(weight.dtype).view(weight.shape)
+    dx = None if dx is None else _shaped_like(dx, dy.shape)
+    if dweight is not None:
+        dweight = _shaped_like(dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype), weight.shape)
     return dx, dweight
 
 
@@ -129,7 +142,7 @@ class _RMSNormFunction(torch.autograd.Function):
     ) -> Tensor:
         y, _, rstd, x, ctx.used_native = _rms_forward(input, None, weight, shape, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return y.view(input.shape)
+        return _shaped_like(y, input.shape)
 
     @staticmethod
     @once_differentiable
@@ -153,7 +166,7 @@ class _AddRMSNormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to add
         y, h, rstd, _, ctx.used_native = _rms_forward(input, residual, weight, shape, eps)
         ctx.save_for_backward(h, rstd, weight)
-        return y.view(input.shape), h.view(input.shape)
+        return _shaped_like(y, input.shape), _shaped_like(h, input.shape)
 
     @staticmethod
     @once_differentiable
@@ -177,7 +190,7 @@ def rms_norm_cpu(
     if _needs_autograd(input, weight):
         return _RMSNormFunction.apply(input, weight, normalized_shape, eps)
     y, _, _, _, _ = _rms_forward(input, None, weight, normalized_shape, eps)
-    return y.view(input.shape)
+    return _shaped_like(y, input.shape)
 
 
 def add_rms_norm_cpu(
@@ -192,7 +205,7 @@ def add_rms_norm_cpu(
     if _needs_autograd(input, residual, weight):
         return _AddRMSNormFunction.apply(input, residual, weight, normalized_shape, eps)
     y, h, _, _, _ = _rms_forward(input, residual, weight, normalized_shape, eps)
-    return y.view(input.shape), h.view(input.shape)
+    return _shaped_like(y, input.shape), _shaped_like(h, input.shape)
 
 
 # ----------------------------------------------------------------------------------------------

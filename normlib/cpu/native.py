@@ -119,10 +119,6 @@ def _threads(elements: int) -> int:
     return max(1, min(torch.get_num_threads(), elements // _ELEMENTS_PER_THREAD))
 
 
-def _pointer(tensor: Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
-
-
 def rms_norm_forward(
     x: Tensor,  # (rows, n) contiguous, float32/bfloat16/float16
     residual: Tensor | None,  # (rows, n) contiguous, x's dtype, or None
@@ -135,8 +131,9 @@ def rms_norm_forward(
     h = None if residual is None else torch.empty_like(x)
     rstd = torch.empty(rows, dtype=torch.float32)
     library().normlib_rms_norm_forward(
-        STORAGE_CODES[x.dtype], _pointer(x), _pointer(residual), _pointer(h), _pointer(gamma),
-        _pointer(y), _pointer(rstd), rows, n, eps, _threads(rows * n),
+        STORAGE_CODES[x.dtype], x.data_ptr(), None if residual is None else residual.data_ptr(),
+        None if h is None else h.data_ptr(), gamma.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+        rows, n, eps, _threads(rows * n),
     )
     return y, h, rstd
 
@@ -154,9 +151,11 @@ def rms_norm_backward(
     rows, n = x.shape
     threads = _threads(rows * n)
     dx = torch.empty_like(x) if needs_dx else None
-    parts = torch.zeros(threads, n, dtype=torch.float32) if needs_dgamma else None  # (threads, n)
+    # one row of dgamma per thread, summed here; with one thread that row is dgamma itself
+    parts = torch.zeros((threads, n) if threads > 1 else n, dtype=torch.float32) if needs_dgamma else None
     library().normlib_rms_norm_backward(
-        STORAGE_CODES[x.dtype], _pointer(dy), _pointer(dh), _pointer(x), _pointer(rstd),
-        _pointer(gamma), _pointer(dx), _pointer(parts), rows, n, threads,
+        STORAGE_CODES[x.dtype], dy.data_ptr(), None if dh is None else dh.data_ptr(), x.data_ptr(),
+        rstd.data_ptr(), gamma.data_ptr(), None if dx is None else dx.data_ptr(),
+        None if parts is None else parts.data_ptr(), rows, n, threads,
     )
-    return dx, None if parts is None else parts.sum(0)
+    return dx, parts if parts is None or threads == 1 else parts.sum(0)
