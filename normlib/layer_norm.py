@@ -309,9 +309,9 @@ class LayerNorm2d(nn.Module):
     """ConvNeXt's channels-first LayerNorm (Liu et al., 2022): for an (N, C, H, W) map, normalize
     the C channels at each of the N * H * W positions separately.
 
-    This is not torch.nn.LayerNorm([C, H, W]), which pools statistics over the whole map (that one
-    is GroupNorm(1, C)): here every pixel's channel vector is standardized on its own, as
-    LayerNorm does for every token of a sequence. eps defaults to 1e-6, ConvNeXt's value.
+    This is not torch.nn.LayerNorm([C, H, W]), which pools statistics over the whole map (the
+    statistics of GroupNorm(1, C)): here every pixel's channel vector is standardized on its own,
+    as LayerNorm does for every token of a sequence. eps defaults to 1e-6, ConvNeXt's value.
     """
 
     def __init__(

@@ -5,8 +5,8 @@ re-centering and no bias: the paper's argument is that LayerNorm's benefit comes
 re-scaling, and dropping the mean saves a reduction. Llama-style Transformers use it.
 
 Conventions, stated once (sources differ): epsilon goes *inside* the square root,
-x / sqrt(mean(x^2) + eps), as in the paper's reference code and torch.nn.RMSNorm (some write
-x / (RMS(x) + eps), which differs for rows near zero); there is no learned shift beta; and
+x / sqrt(mean(x^2) + eps), as in torch.nn.RMSNorm and Meta's Llama code (other implementations
+write x / (RMS(x) + eps), which differs for rows whose RMS is not much larger than eps); there is no learned shift beta; and
 ``eps=None`` means what it means in torch.nn.RMSNorm (PyTorch >= 2.x docs): the machine epsilon of
 the computation dtype, ``torch.finfo(torch.float32).eps`` for float16, bfloat16 and float32 inputs
 and ``torch.finfo(torch.float64).eps`` for float64.
