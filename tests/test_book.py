@@ -104,7 +104,8 @@ def test_repository_is_named_once_and_complete():
     )
     assert not repository["url"].endswith((".git", "/")), "repository.url: give it without .git or a trailing slash"
     assert repository["branch"], "repository.branch must name the branch that notebooks install from"
-    assert repository["path_to_book"] == ".", "repository.path_to_book: the book is at the repository root"
+    # "" is the repository root; "." would put "./" into every launch link
+    assert repository["path_to_book"] == "", 'repository.path_to_book: the book is at the repository root, ""'
 
 
 @pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
