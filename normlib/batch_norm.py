@@ -13,7 +13,6 @@ This file holds, in reading order: the NumPy reference (forward and backward), t
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -194,7 +193,7 @@ def batch_norm(
     check_eps(eps)
     if training and eps == 0.0:  # torch refuses it too: a constant channel would divide 0 by 0
         raise ValueError("eps must be positive when training=True, got eps=0.0")
-    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
+    if training and input.numel() == channels[0] != 0:  # N * prod(spatial) == 1, without slicing shape
         # One value per channel has no variance to normalize by (and an unbiased estimate 0/0).
         raise ValueError(
             f"batch_norm in training needs more than one value per channel, got input of shape "

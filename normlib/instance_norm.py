@@ -169,7 +169,8 @@ def instance_norm(
     check_tensor_like_input(weight, "weight", input, channels)
     check_tensor_like_input(bias, "bias", input, channels)
     check_eps(eps)
-    if use_input_stats and math.prod(input.shape[2:]) == 1:
+    instances = input.shape[0] * input.shape[1]
+    if use_input_stats and input.numel() == instances != 0:  # prod(spatial) == 1, without slicing shape
         raise ValueError(
             f"instance_norm with use_input_stats=True needs more than one spatial position per "
             f"channel, got input of shape {tuple(input.shape)}"
