@@ -194,6 +194,9 @@ def implementations(op: str, device: torch.device, compile: bool) -> dict[str, C
         found[BACKEND_LABELS.get(backend, backend)] = normlib_call(op, backend)
     found["composite"] = COMPOSITES[op]
     if compile:
+        # A fresh cache for every case: dynamo recompiles a function for each new shape and dtype,
+        # and past its recompile limit (8) it would silently run the composite eagerly instead.
+        torch._dynamo.reset()
         found["torch.compile"] = torch.compile(COMPOSITES[op], dynamic=False)
     order = ["torch eager"] + [label for label in found if label != "torch eager"]
     return {label: found[label] for label in order if label in found}
@@ -333,7 +336,8 @@ def write_json(results: Sequence[Result], path: Path, metadata: dict) -> None:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,6 +376,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="timed runs per measurement, the median is reported (default: 100 on a GPU, 10 on the CPU)")
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for PyTorch (torch.set_num_threads); on a shared machine 1 "
+                             "gives steadier timings, since a parallel region waits for its slowest "
+                             "thread (default: PyTorch's own choice)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also time torch.compile of the plain torch composite (default: on for "
                              "GPUs; off on the CPU, where the first compile takes tens of seconds)")
@@ -404,6 +412,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = args.device
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         peak, peak_source = peak_bandwidth_gbps(torch.cuda.get_device_name(device))
     else:
@@ -427,6 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "peak_source": peak_source,
         "rows": args.rows,
         "repeats": args.repeats,
+        "cpu_threads": torch.get_num_threads(),
         "byte_model": " ".join(bytes_moved.__doc__.split()),
         "timing": "median wall-clock seconds (normlib.book.timing.median_time), CUDA synchronized",
     }
