@@ -333,6 +333,13 @@ def write_json(results: Sequence[Result], path: Path, metadata: dict) -> None:
         json.dump({"metadata": metadata, "results": [asdict(r) for r in results]}, f, indent=2)
 
 
+def read_json(path: Path) -> tuple[dict, list[Result]]:
+    """(metadata, results) of a file written by :func:`write_json`, e.g. a run on another machine."""
+    with open(path) as f:
+        document = json.load(f)
+    return document["metadata"], [Result(**r) for r in document["results"]]
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -41,7 +41,8 @@ def test_quick_run_writes_consistent_csv_and_json(tmp_path, capsys):
         assert "triton" not in labels  # the interpreter (on in tests) is never timed
         eager = next(r for r in rows if (r["op"], r["mode"], r["implementation"]) == (op, mode, "torch eager"))
         assert float(eager["speedup_vs_eager"]) == 1.0
-    metadata = document["metadata"]
+    metadata, results = bench.read_json(f"{prefix}.json")
+    assert [r.seconds for r in results] == [float(r["seconds"]) for r in rows]
     assert metadata["device"].startswith("CPU") and metadata["peak_bandwidth_gbps"] > 0
     assert "read x" in metadata["byte_model"] and metadata["torch"] == torch.__version__
 
