@@ -143,20 +143,25 @@ def _why_not(op: str, name: str, device: torch.device) -> str | None:
 def available_backends(op: str | None = None, device: torch.device | str | None = None) -> list[str]:
     """The backends this machine can run.
 
-    With ``op``, only those implementing it; with ``device``, only those that run tensors there.
-    ``normlib.available_backends()`` on a laptop gives ``['torch', 'cpu']``; on a GPU machine with
-    triton installed it adds ``'triton'``.
+    With ``op``, only those implementing it; with ``device``, only those that run tensors there;
+    without ``device``, those that run tensors on some device this machine has (the CPU, and CUDA
+    when a GPU is visible). ``normlib.available_backends()`` on a laptop gives ``['torch', 'cpu']``;
+    on a GPU machine with triton installed it adds ``'triton'``.
     """
     if op is not None and op not in IMPLEMENTATIONS:
         raise ValueError(f"op={op!r} is not one of {sorted(IMPLEMENTATIONS)}")
     ops = [op] if op is not None else list(IMPLEMENTATIONS)
+    if device is not None:
+        devices = [torch.device(device)]
+    else:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     found = []
     for name, backend in BACKENDS.items():
         if backend.unavailable_reason() is not None:
             continue
         if not any(name in IMPLEMENTATIONS[o] for o in ops):
             continue
-        if device is not None and backend.unsupported_device_reason(torch.device(device)) is not None:
+        if all(backend.unsupported_device_reason(d) is not None for d in devices):
             continue
         found.append(name)
     return found

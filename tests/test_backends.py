@@ -127,3 +127,13 @@ def test_implementations_receive_the_checked_arguments_positionally(op, call, ex
             assert got is expected, f"argument {index} is not the caller's tensor"
         else:
             assert got == expected and type(got) is type(expected), f"argument {index}: {got!r} != {expected!r}"
+
+
+def test_available_backends_without_device_lists_only_what_this_machine_can_run(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    listed = normlib.available_backends()
+    assert "cpu" in listed
+    if not torch.cuda.is_available():
+        assert "triton" not in listed, "triton needs a GPU (or the interpreter) to run anything"
