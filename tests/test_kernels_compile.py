@@ -64,3 +64,18 @@ def test_refuses_to_run_under_the_interpreter():
     result = subprocess.run([sys.executable, "-m", "normlib.kernels.compile_check", "--quick"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0 and "TRITON_INTERPRET=1" in result.stderr
+
+
+def test_kernel_built_for_the_gpu_refuses_a_cpu_tensor_clearly():
+    # Called directly (not through normlib's dispatch, which checks first), a kernel compiled for the
+    # GPU must not be launched on CPU memory: a RuntimeError that names the fix, not a crash.
+    code = (
+        "import torch\n"
+        "from normlib.kernels.rms_norm import rms_norm_triton\n"
+        "try:\n"
+        "    rms_norm_triton(torch.randn(2, 8), (8,), None, None)\n"
+        "except RuntimeError as error:\n"
+        "    print('RuntimeError:', error)\n"
+    )
+    out = run_python("-c", code)
+    assert out.startswith("RuntimeError:") and "TRITON_INTERPRET=1" in out and "'cpu'" in out
