@@ -26,7 +26,6 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import cache
 from typing import Callable
 
 import torch
@@ -127,10 +126,17 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-@cache
+_LOADED: dict[str, Callable] = {}
+
+
 def _load(target: str) -> Callable:
-    module_name, function_name = target.split(":")
-    return getattr(importlib.import_module(module_name), function_name)
+    # A plain dict rather than functools.cache: torch.compile traces through the public ops, and
+    # dynamo warns on every functools.cache-wrapped call it meets.
+    function = _LOADED.get(target)
+    if function is None:
+        module_name, function_name = target.split(":")
+        function = _LOADED[target] = getattr(importlib.import_module(module_name), function_name)
+    return function
 
 
 def _why_not(op: str, name: str, device: torch.device) -> str | None:
