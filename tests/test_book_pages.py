@@ -189,6 +189,42 @@ def test_claims_page_links_each_claim_that_a_chapter_settles():
         assert label in linked, f"claims.md row {claim_id} should link {{ref}} to {label} in {targets[label]}"
 
 
+def glossary_entries(text: str) -> dict[str, str]:
+    """A MyST definition list as {term: definition}: a term line, then lines starting with ": "."""
+    entries: dict[str, str] = {}
+    term = None
+    for line in text.splitlines():
+        if line.startswith(": ") and term is not None:
+            entries[term] = line[2:]
+        elif line.startswith("  ") and term in entries:
+            entries[term] += " " + line.strip()
+        elif line.strip() and not line.startswith((" ", "#", ":")):
+            term = line.strip()
+        else:
+            term = None if not line.strip() and term not in entries else term
+    return entries
+
+
+def test_glossary_entries_reads_a_definition_list():
+    text = "# Title\n\nIntro.\n\nterm one\n: Sources: 甲 (001).\n  Defined.\n\nterm two\n: Not in the sources.\n"
+    assert glossary_entries(text) == {"term one": "Sources: 甲 (001). Defined.", "term two": "Not in the sources."}
+
+
+def test_every_glossary_entry_names_its_chinese_source_terms_and_links_the_book():
+    entries = glossary_entries(read(GLOSSARY_PAGE))
+    assert len(entries) >= 20, f"glossary.md should define the book's terms; found only {sorted(entries)}"
+    for term, definition in entries.items():
+        assert definition.startswith(("Sources:", "Not in the sources")), (
+            f"glossary.md, {term!r}: start with the Chinese terms of the sources ('Sources: ...') "
+            f"or say 'Not in the sources'"
+        )
+        if definition.startswith("Sources:"):
+            assert re.search(r"[\u4e00-\u9fff]|in English", definition), (
+                f"glossary.md, {term!r}: name the sources' Chinese term (or the English word they use)"
+            )
+        assert re.search(r"\{(ref|doc)\}", definition), f"glossary.md, {term!r}: link where the book explains it"
+
+
 def test_glossary_links_every_term_that_a_chapter_defines():
     targets = defined_targets()
     linked = {label for label, _ in referenced_labels(read(GLOSSARY_PAGE))}
