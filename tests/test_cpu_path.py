@@ -153,10 +153,15 @@ def test_non_contiguous_inputs(implementation, dtype, layout):
     compare(run(ln("cpu"), [x, r, w]), run(ln("torch"), [x, r, w]), dtype, ["input", "residual", "weight"])
 
 
-def test_leading_dims_and_two_normalized_dims(implementation):
-    x, w = sample((2, 3, 4, 5), torch.float32, 0), sample((4, 5), torch.float32, 1, shift=1.0)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (4, 5)])
+def test_two_normalized_dims(implementation, shape):
+    """Rows of 4 * 5 = 20 values, with leading dims and without (a 2-D input that is one row)."""
+    x, w = sample(shape, torch.float32, 0), sample((4, 5), torch.float32, 1, shift=1.0)
     rms = lambda backend: lambda x, w: normlib.rms_norm(x, (4, 5), w, backend=backend)  # noqa: E731
     compare(run(rms("cpu"), [x, w]), run(rms("torch"), [x, w]), torch.float32, ["input", "weight"])
+    r = sample(shape, torch.float32, 2)
+    add = lambda backend: lambda x, r, w: normlib.add_rms_norm(x, r, (4, 5), w, backend=backend)  # noqa: E731
+    compare(run(add("cpu"), [x, r, w]), run(add("torch"), [x, r, w]), torch.float32, ["input", "residual", "weight"])
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")

@@ -74,7 +74,7 @@ def _rows_and_width(tensor: Tensor, normalized_shape: tuple[int, ...]) -> tuple[
 
 def _as_rows(tensor: Tensor | None, rows: int, width: int) -> Tensor | None:
     """(*leading, *normalized_shape) -> contiguous (rows, width): a view when possible, else a copy."""
-    if tensor is None or (tensor.dim() == 2 and tensor.is_contiguous()):
+    if tensor is None or (tensor.dim() == 2 and tensor.shape[1] == width and tensor.is_contiguous()):
         return tensor
     return tensor.reshape(rows, width).contiguous()
 

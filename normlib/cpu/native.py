@@ -98,9 +98,15 @@ def library() -> ctypes.CDLL | None:
         key = hashlib.sha256(
             "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode()
         ).hexdigest()[:16]
-        target = _cache_dir() / f"rms_norm_{key}.so"
+        name = f"rms_norm_{key}.so"
+        target = _cache_dir() / name
         if not target.exists():
-            _compile(compiler, target)
+            try:
+                _compile(compiler, target)
+            except PermissionError:  # a read-only home: build per user in the temporary directory
+                target = Path(tempfile.gettempdir()) / f"normlib-{os.getuid()}" / name
+                if not target.exists():
+                    _compile(compiler, target)
         return _declare(ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
