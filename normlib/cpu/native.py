@@ -2,8 +2,8 @@
 
 The C file is compiled with the system C compiler the first time it is needed, into a cache
 directory keyed by the source, the flags, the compiler and the CPU, and then loaded with ctypes.
-Measured on the course machine, compiling takes ~0.3 s in a fresh process and loading a cached
-build a few milliseconds; torch.compile needs ~21 s and numba 3-4 s per kernel for the same job,
+Measured on the course machine (busy with other work), the first call in a fresh process took
+0.6-0.8 s with an empty cache and 10-20 ms with a warm one; torch.compile needs ~21 s and numba 3-4 s per kernel for the same job,
 both over the 2 s a notebook's first call may stall. Without a C compiler, :func:`library` returns
 None with a reason, and the callers use the pure-PyTorch blocked path instead.
 
@@ -79,6 +79,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.normlib_rms_norm_forward.restype = i32
     lib.normlib_rms_norm_backward.argtypes = [i32, p, p, p, p, p, p, p, i64, i64, i32]
     lib.normlib_rms_norm_backward.restype = i32
+    lib.normlib_has_float16.argtypes = []
+    lib.normlib_has_float16.restype = i32
     return lib
 
 
@@ -120,7 +122,16 @@ def unavailable_reason() -> str | None:
 
 
 def supports(dtype: torch.dtype) -> bool:
-    return dtype in STORAGE_CODES and library() is not None
+    """Whether the C kernels can store ``dtype`` (float16 only with a compiler that has _Float16)."""
+    lib = library()
+    if lib is None or dtype not in STORAGE_CODES:
+        return False
+    return dtype != torch.float16 or _has_float16(lib)
+
+
+@cache
+def _has_float16(lib: ctypes.CDLL) -> bool:
+    return bool(lib.normlib_has_float16())
 
 
 def _threads(elements: int) -> int:

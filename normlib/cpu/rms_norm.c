@@ -50,8 +50,15 @@ static inline void store_bf16(bf16_t *p, int64_t i, float v) {
     p[i] = (bf16_t)(((bits & 0x7FFFFFFFu) > 0x7F800000u) ? quiet_nan : rounded);
 }
 
+/* _Float16 needs GCC >= 12 or Clang >= 15 on x86-64; older compilers build without float16, and
+ * normlib_has_float16() tells Python to send float16 to the PyTorch fallback. */
+#ifdef __FLT16_MAX__
+#define HAVE_FLOAT16 1
 static inline float load_f16(const _Float16 *p, int64_t i) { return (float)p[i]; }
 static inline void store_f16(_Float16 *p, int64_t i, float v) { p[i] = (_Float16)v; }
+#else
+#define HAVE_FLOAT16 0
+#endif
 
 /* ---- threads ---------------------------------------------------------------------------------- */
 
@@ -183,7 +190,12 @@ typedef struct {
 
 DEFINE_KERNELS(float, f32)
 DEFINE_KERNELS(bf16_t, bf16)
+#if HAVE_FLOAT16
 DEFINE_KERNELS(_Float16, f16)
+#else
+#define forward_rows_f16 forward_rows_f32 /* never picked: Python checks normlib_has_float16() */
+#define backward_rows_f16 backward_rows_f32
+#endif
 
 /* ---- entry points (ctypes) ------------------------------------------------------------------ */
 
@@ -192,6 +204,8 @@ enum { STORAGE_F32 = 0, STORAGE_BF16 = 1, STORAGE_F16 = 2 };
 static rows_fn pick(int storage, rows_fn f32, rows_fn bf16, rows_fn f16) {
     return storage == STORAGE_F32 ? f32 : storage == STORAGE_BF16 ? bf16 : f16;
 }
+
+int normlib_has_float16(void) { return HAVE_FLOAT16; }
 
 int normlib_rms_norm_forward(int storage, const void *x, const void *residual, void *h,
                              const float *gamma, void *y, float *rstd, int64_t rows, int64_t n,
