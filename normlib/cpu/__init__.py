@@ -25,11 +25,14 @@ How the means were chosen, by measurement on the course machine (2 cores, torch 
 * torch.compile brings RMSNorm near LayerNorm but compiles for ~21 s in a fresh process; numba
   needed 3-4 s per kernel and had no bfloat16. A first call may stall a notebook ~2 s at most.
 * The C kernels compile in ~0.3-0.8 s once per machine (then ~10 ms to load from the cache) and
-  run at or below F.layer_norm's time. One-thread CPU time, forward / forward+backward, as a
-  fraction of F.layer_norm's: 4096x1024 float32 0.79 / 0.89, bfloat16 0.60 / 0.82; 512x8192
-  float32 0.86 / 0.98, bfloat16 0.67 / 0.78; and 3-28x faster than F.rms_norm.
-  Tensors of a few thousand elements are bound by Python and autograd overhead (~7 us per
-  forward, ~55 us per forward+backward, against F.layer_norm's ~3 and ~30 us).
+  run at about F.layer_norm's time. One-thread CPU time (robust to other load), forward /
+  forward+backward as a fraction of F.layer_norm's: 4096x1024 float32 0.79 / 0.89, bfloat16
+  0.60 / 0.82; 512x8192 float32 0.86 / 0.98, bfloat16 0.67 / 0.78; 16384x256 float32
+  1.00 / 0.64. Against F.rms_norm (whose forward in torch 2.13 is ~1.5-2x LayerNorm's, its
+  backward 4-6x): forward 1.9-28x, forward+backward 3.3-26x faster.
+  Below ~2^18 elements one thread runs (starting a second costs ~25 us), and tensors of a few
+  thousand elements are bound by Python and autograd overhead: ~7 us per forward and ~55 us per
+  forward+backward, against F.layer_norm's ~3 and ~30 us.
 
 All ops here take their arguments already checked by the public op (normlib/rms_norm.py,
 normlib/layer_norm.py), support autograd (first derivatives), any leading shape and
