@@ -30,7 +30,7 @@ How the means were chosen, by measurement on the course machine (2 cores, torch 
   0.60 / 0.82; 512x8192 float32 0.86 / 0.98, bfloat16 0.67 / 0.78; 16384x256 float32
   1.00 / 0.64. Against F.rms_norm (whose forward in torch 2.13 is ~1.5-2x LayerNorm's, its
   backward 4-6x): forward 1.9-28x, forward+backward 3.3-26x faster.
-  Below 2^19 elements one thread runs (starting a second costs ~25 us), and tensors of a few
+  Below 2^20 elements one thread runs (starting a second costs 25-60 us), and tensors of a few
   thousand elements are bound by Python and autograd overhead: ~7 us per forward and ~55 us per
   forward+backward, against F.layer_norm's ~3 and ~30 us.
 
