@@ -228,6 +228,22 @@ def test_c_kernels_against_float64(dtype):
     compare(ours, exact, dtype, ["input", "residual", "weight"])
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_c_kernels_split_rows_across_threads(monkeypatch, threads, dtype):
+    """Real tensors reach two threads only from 2^20 elements; forcing the count tests the row
+    split (37 rows do not divide evenly) and the per-thread sums of the weight gradient."""
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"C kernels unavailable: {native.unavailable_reason()}")
+    monkeypatch.setattr(native, "_threads", lambda elements: threads)
+    x, r = sample((37, 100), dtype, 0), sample((37, 100), dtype, 1)
+    w = sample((100,), dtype, 2, shift=1.0)
+    rms = lambda backend: lambda x, w: normlib.rms_norm(x, (100,), w, backend=backend)  # noqa: E731
+    compare(run(rms("cpu"), [x, w]), run(rms("torch"), [x, w]), dtype, ["input", "weight"])
+    add = lambda backend: lambda x, r, w: normlib.add_rms_norm(x, r, (100,), w, backend=backend)  # noqa: E731
+    compare(run(add("cpu"), [x, r, w]), run(add("torch"), [x, r, w]), dtype, ["input", "residual", "weight"])
+
+
 def test_nan_and_infinity_propagate(implementation):
     x = sample((3, 8), torch.bfloat16, 0)
     x[0, 2], x[1, 5] = float("nan"), float("inf")
