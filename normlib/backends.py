@@ -127,6 +127,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 
 
 _LOADED: dict[str, Callable] = {}
+_AUTO_CHOICE: dict[tuple[str, str, bool], Callable] = {}
 
 
 def _load(target: str) -> Callable:
@@ -180,10 +181,16 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     exists but cannot run here, listing what can.
     """
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if _why_not(op, name, device) is None:
-                return _load(IMPLEMENTATIONS[op][name])
-        return _load(IMPLEMENTATIONS[op]["torch"])
+        # What "auto" picks depends only on the op, the device type and whether Triton's
+        # interpreter is on, so it is worked out once: this runs on every call of every op.
+        key = (op, device.type, _triton_interpreting())
+        function = _AUTO_CHOICE.get(key)
+        if function is None:
+            name = next(
+                (n for n in AUTO_ORDER.get(device.type, ()) if _why_not(op, n, device) is None), "torch"
+            )
+            function = _AUTO_CHOICE[key] = _load(IMPLEMENTATIONS[op][name])
+        return function
     if backend not in BACKENDS:
         raise ValueError(
             f"backend={backend!r} is not a known backend; expected 'auto' or one of "
