@@ -24,8 +24,11 @@ def execute(path: Path, timeout: int = 600) -> float:
         notebook,
         timeout=timeout,
         kernel_name="python3",
+        record_timing=False,  # per-cell timestamps would make every re-run a diff of the file
         resources={"metadata": {"path": str(path.parent)}},
     )
+    for cell in notebook.cells:
+        cell.metadata.pop("execution", None)
     start = time.perf_counter()
     client.execute()
     seconds = time.perf_counter() - start

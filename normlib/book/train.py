@@ -13,17 +13,16 @@ from torch import nn
 from normlib.book.data import Split
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and PyTorch; return a torch.Generator seeded too, for data order.
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch.
 
     Two runs with the same seed on the same machine give the same numbers. Across machines the
     last bits of float sums can differ (different SIMD widths), which is why notebooks print
-    rounded values.
+    rounded values. Returns nothing, so a notebook cell that ends with it prints nothing.
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 @dataclass
