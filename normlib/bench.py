@@ -320,6 +320,33 @@ def format_table(results: Sequence[Result], align: bool = True) -> str:
     return "\n".join(lines)
 
 
+def time_relative_to_layer_norm(results: Sequence[Result]) -> list[str]:
+    """One line per RMSNorm case: each implementation's time divided by PyTorch's LayerNorm time
+    on a tensor of the same size, dtype and mode, both measured in this run.
+
+    The question a reader of the RMSNorm chapter asks: does dropping the mean make the op cheaper
+    than the LayerNorm they would otherwise use? Below 1.00x RMSNorm is faster.
+    """
+    layer_norm_eager = {
+        (r.dtype, r.hidden, r.rows, r.mode): r.seconds
+        for r in results
+        if r.op == "layer_norm" and r.implementation == "torch eager"
+    }
+    lines = []
+    for key in dict.fromkeys((r.dtype, r.hidden, r.rows, r.mode) for r in results if r.op == "rms_norm"):
+        baseline = layer_norm_eager.get(key)
+        if baseline is None:
+            continue
+        ratios = [
+            f"{r.implementation} {r.seconds / baseline:.2f}x"
+            for r in results
+            if r.op == "rms_norm" and (r.dtype, r.hidden, r.rows, r.mode) == key
+        ]
+        dtype, hidden, rows, mode = key
+        lines.append(f"rms_norm {dtype} {rows}x{hidden} {mode}: " + ", ".join(ratios))
+    return lines
+
+
 def write_csv(results: Sequence[Result], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(results[0]).keys()) if results else list(Result.__annotations__))
@@ -435,6 +462,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print()
     print(format_table(results))
+    relative = time_relative_to_layer_norm(results)
+    if relative:
+        print("\nRMSNorm's time divided by PyTorch's LayerNorm time (torch eager) on the same tensor:")
+        print("\n".join(relative))
     metadata = {
         "device": device_description(device),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -89,3 +89,26 @@ def test_help_and_bad_arguments():
         bench.parse_args(["--hidden", "0"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "tpu"])
+
+
+def _result(op: str, implementation: str, seconds: float, mode: str = "fwd") -> bench.Result:
+    return bench.Result(op=op, dtype="fp32", hidden=1024, rows=64, mode=mode, implementation=implementation,
+                        seconds=seconds, bytes_moved=1, bandwidth_gbps=1.0, peak_fraction=None,
+                        speedup_vs_eager=None)
+
+
+def test_rms_norm_times_are_divided_by_layer_norm_eager_of_the_same_case():
+    results = [
+        _result("layer_norm", "torch eager", 2.0),
+        _result("layer_norm", "composite", 5.0),
+        _result("rms_norm", "torch eager", 6.0),
+        _result("rms_norm", "normlib cpu", 2.5),
+        _result("layer_norm", "torch eager", 10.0, mode="fwd+bwd"),
+        _result("rms_norm", "normlib cpu", 5.0, mode="fwd+bwd"),
+    ]
+    lines = bench.time_relative_to_layer_norm(results)
+    assert lines == [
+        "rms_norm fp32 64x1024 fwd: torch eager 3.00x, normlib cpu 1.25x",
+        "rms_norm fp32 64x1024 fwd+bwd: normlib cpu 0.50x",
+    ]
+    assert bench.time_relative_to_layer_norm([_result("rms_norm", "normlib cpu", 1.0)]) == []
