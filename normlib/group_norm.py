@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlib._affine import register_affine, reset_affine
 from normlib._checks import check_backend_name, check_eps, check_input, check_tensor_like_input
 from normlib.backends import resolve
 from normlib.layer_norm import LayerNormCache, layer_norm_reference_backward
@@ -198,22 +199,11 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.affine = affine
         self.backend = backend
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_channels, affine=affine, bias=bias, factory_kwargs=factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
