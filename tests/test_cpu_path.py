@@ -296,3 +296,12 @@ def test_build_in_a_fresh_cache(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert list(tmp_path.glob("rms_norm_*.so")), "no library was written to the cache"
+
+
+def test_direct_call_with_eps_none_uses_torchs_default_for_half_inputs():
+    # eps=None is float32's machine epsilon for float16 input, as in F.rms_norm; float16's own
+    # epsilon (9.8e-4) would visibly shrink rows of magnitude 1e-3.
+    from normlib.cpu import rms_norm_cpu
+
+    x = torch.full((3, 1), 1e-3, dtype=torch.float16)
+    torch.testing.assert_close(rms_norm_cpu(x, (1,), None, None), torch.nn.functional.rms_norm(x, (1,)))

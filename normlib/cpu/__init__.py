@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from normlib._checks import RMS_NORM_DEFAULT_EPS
 from normlib.cpu import blocked, native
 
 __all__ = ["unavailable_reason", "rms_norm_cpu", "add_rms_norm_cpu", "add_layer_norm_cpu"]
@@ -103,10 +104,6 @@ def _gamma32(weight: Tensor | None, width: int) -> Tensor:
 def _needs_autograd(*tensors: Tensor | None) -> bool:
     """Whether to build a graph node; inference calls skip autograd.Function's overhead."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _default_eps(eps: float | None, input: Tensor) -> float:
-    return torch.finfo(input.dtype).eps if eps is None else eps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,8 +198,8 @@ def rms_norm_cpu(
     weight: Tensor | None,
     eps: float | None,
 ) -> Tensor:
-    """The "cpu" backend of :func:`normlib.rms_norm`; ``eps=None`` is ``torch.finfo(input.dtype).eps``."""
-    eps = _default_eps(eps, input)
+    """The "cpu" backend of :func:`normlib.rms_norm`; ``eps=None`` is torch's default (see normlib._checks)."""
+    eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps
     if _needs_autograd(input, weight):
         return _RMSNormFunction.apply(input, weight, normalized_shape, eps)
     y, _, _, _, _ = _rms_forward(input, None, weight, normalized_shape, eps)
@@ -217,7 +214,7 @@ def add_rms_norm_cpu(
     eps: float | None,
 ) -> tuple[Tensor, Tensor]:
     """The "cpu" backend of :func:`normlib.add_rms_norm`: ``(rms_norm(h), h)`` with h = input + residual."""
-    eps = _default_eps(eps, input)
+    eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps
     if _needs_autograd(input, residual, weight):
         return _AddRMSNormFunction.apply(input, residual, weight, normalized_shape, eps)
     y, h, _, _, _ = _rms_forward(input, residual, weight, normalized_shape, eps)

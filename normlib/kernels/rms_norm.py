@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from normlib._checks import RMS_NORM_DEFAULT_EPS
 from normlib.kernels._rows import (
     as_rows,
     backward_programs,
@@ -360,14 +361,6 @@ _rms_norm_fwd_op.register_autograd(_backward_formula, setup_context=_setup_conte
 # ------------------------------------------------------------------------------------------------
 
 
-def _eps_for(input: torch.Tensor, eps: Optional[float]) -> float:
-    # torch's default for eps=None: the machine epsilon of the dtype the statistics are computed in,
-    # float32 for float16/bfloat16/float32 inputs (not bfloat16's much larger epsilon).
-    if eps is not None:
-        return float(eps)
-    return float(torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps)
-
-
 def rms_norm_triton(
     input: torch.Tensor,
     normalized_shape: Sequence[int],
@@ -375,7 +368,8 @@ def rms_norm_triton(
     eps: Optional[float],
 ) -> torch.Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims with the fused Triton kernels."""
-    y, _h, _rstd = _rms_norm_fwd_op(input, None, weight, math.prod(normalized_shape), _eps_for(input, eps))
+    eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps  # None: torch's default
+    y, _h, _rstd = _rms_norm_fwd_op(input, None, weight, math.prod(normalized_shape), eps)
     return y
 
 
@@ -387,5 +381,6 @@ def add_rms_norm_triton(
     eps: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(input + residual), input + residual) in one pass over memory."""
-    y, h, _rstd = _rms_norm_fwd_op(input, residual, weight, math.prod(normalized_shape), _eps_for(input, eps))
+    eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps  # None: torch's default
+    y, h, _rstd = _rms_norm_fwd_op(input, residual, weight, math.prod(normalized_shape), eps)
     return y, h
