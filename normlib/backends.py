@@ -127,7 +127,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 
 
 _LOADED: dict[str, Callable] = {}
-_AUTO_CHOICE: dict[tuple[str, str, bool], Callable] = {}
+_AUTO_CHOICE: dict[tuple[str, torch.device], Callable] = {}
 
 
 def _load(target: str) -> Callable:
@@ -181,15 +181,16 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     exists but cannot run here, listing what can.
     """
     if backend == "auto":
-        # What "auto" picks depends only on the op, the device type and whether Triton's
-        # interpreter is on, so it is worked out once: this runs on every call of every op.
-        key = (op, device.type, _triton_interpreting())
-        function = _AUTO_CHOICE.get(key)
+        # What "auto" picks depends only on the op and the device (no backend in AUTO_ORDER
+        # depends on Triton's interpreter), so it is worked out once per (op, device): this runs
+        # on every call of every op, and the key is the device object itself because reading
+        # device.type or the environment would cost more than the rest of the lookup.
+        function = _AUTO_CHOICE.get((op, device))
         if function is None:
             name = next(
                 (n for n in AUTO_ORDER.get(device.type, ()) if _why_not(op, n, device) is None), "torch"
             )
-            function = _AUTO_CHOICE[key] = _load(IMPLEMENTATIONS[op][name])
+            function = _AUTO_CHOICE[(op, device)] = _load(IMPLEMENTATIONS[op][name])
         return function
     if backend not in BACKENDS:
         raise ValueError(

@@ -42,6 +42,7 @@ non-contiguous inputs (copied to contiguous rows first).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -64,16 +65,10 @@ def unavailable_reason() -> str | None:
 # ----------------------------------------------------------------------------------------------
 # Shared bookkeeping
 # ----------------------------------------------------------------------------------------------
-
-
-def _rows_and_width(tensor: Tensor, normalized_shape: tuple[int, ...]) -> tuple[int, int]:
-    width = normalized_shape[0] if len(normalized_shape) == 1 else math.prod(normalized_shape)
-    rows = math.prod(tensor.shape[: tensor.dim() - len(normalized_shape)])
-    return rows, width
-
-
-# The helpers below skip work (a view, a dtype conversion) when it would change nothing: on small
-# tensors every PyTorch call costs about a microsecond, comparable to the kernel itself.
+# On a tensor of a few hundred elements every PyTorch call costs ~0.1-1 us, as much as the kernel
+# itself, and PyTorch's own LayerNorm takes ~3 us in all: so the common case (contiguous rows, one
+# normalized dimension, a weight of the input's dtype) takes a path with no views, conversions or
+# extra allocations, and only the rest goes through the general reshaping below.
 
 
 def _as_rows(tensor: Tensor | None, rows: int, width: int) -> Tensor | None:
@@ -83,22 +78,19 @@ def _as_rows(tensor: Tensor | None, rows: int, width: int) -> Tensor | None:
     return tensor.reshape(rows, width).contiguous()
 
 
-def _shaped_like(tensor: Tensor, shape: torch.Size) -> Tensor:
-    return tensor if tensor.shape == shape else tensor.view(shape)
+@lru_cache(maxsize=16)
+def _ones(width: int, dtype: torch.dtype) -> Tensor:
+    """gamma for an op without a weight (never written to: the kernels only read it)."""
+    return torch.ones(width, dtype=dtype)
 
 
-def _use_native(input: Tensor, weight: Tensor | None) -> bool:
-    """The C kernels store one dtype (float32, bfloat16 or float16) for input, output and weight."""
-    return (weight is None or weight.dtype == input.dtype) and native.supports(input.dtype)
-
-
-def _gamma32(weight: Tensor | None, width: int) -> Tensor:
-    """The weight as a contiguous float32 (width,) vector, ones when there is none."""
+def _gamma(weight: Tensor | None, width: int, dtype: torch.dtype) -> Tensor:
+    """The weight as a contiguous (width,) vector of the input's dtype (the C kernels' gamma)."""
     if weight is None:
-        return torch.ones(width, dtype=torch.float32)
-    if weight.dtype == torch.float32 and weight.dim() == 1 and weight.is_contiguous():
+        return _ones(width, dtype)
+    if weight.dim() == 1 and weight.is_contiguous():
         return weight
-    return weight.reshape(width).to(torch.float32).contiguous()
+    return weight.reshape(width).contiguous()
 
 
 def _needs_autograd(*tensors: Tensor | None) -> bool:
@@ -112,38 +104,64 @@ def _needs_autograd(*tensors: Tensor | None) -> bool:
 
 
 def _rms_forward(
-    input: Tensor, residual: Tensor | None, weight: Tensor | None, shape: tuple[int, ...], eps: float
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor, bool]:
-    """Returns ``(y, h, rstd, normalized, used_native)``: y, h and normalized (what the backward
-    needs: h, or the input as contiguous rows) are (rows, width), rstd is (rows,)."""
-    rows, width = _rows_and_width(input, shape)
-    x, res = _as_rows(input, rows, width), _as_rows(residual, rows, width)
-    used_native = _use_native(input, weight)
-    if used_native:
-        y, h, rstd = native.rms_norm_forward(x, res, _gamma32(weight, width), eps)
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    shape: tuple[int, ...],
+    eps: float,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Returns ``(y, h, normalized, rstd)``: y and h (None without a residual) shaped
+    like the input, and what the backward needs: ``normalized`` (h, or the input) as contiguous
+    (rows, width), and rstd (rows,) from the fallback (the C backward recomputes it: None)."""
+    if len(shape) == 1 and input.dim() == 2 and input.is_contiguous() and (residual is None or residual.is_contiguous()):
+        rows, width = input.shape
+        x, res, flat = input, residual, False
+    else:
+        width = math.prod(shape)
+        rows = math.prod(input.shape[: input.dim() - len(shape)])
+        x, res, flat = _as_rows(input, rows, width), _as_rows(residual, rows, width), True
+    if (weight is None or weight.dtype == input.dtype) and native.supports(input.dtype):
+        y, h = native.rms_norm_forward(x, res, _gamma(weight, width, input.dtype), eps)
+        rstd = None
     else:
         y, h, rstd = blocked.forward(x, res, weight, eps)
-    return y, h, rstd, (x if h is None else h), used_native
+    normalized = x if h is None else h
+    if flat:
+        y = y.view(input.shape)
+        h = None if h is None else h.view(input.shape)
+    return y, h, normalized, rstd
 
 
 def _rms_backward(
     ctx: FunctionCtx, dy: Tensor, dh: Tensor | None, needs_dx: bool, needs_dweight: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """Returns ``(dx, dweight)`` shaped like the input and the weight."""
-    x, rstd, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: mark the results as not differentiable again
+        return _rms_backward_once(ctx, dy, dh, needs_dx, needs_dweight)
+    x, weight, rstd = ctx.saved_tensors
     rows, width = x.shape
     dy_rows, dh_rows = _as_rows(dy, rows, width), _as_rows(dh, rows, width)
     needs_dweight = needs_dweight and weight is not None
-    if ctx.used_native:
+    if rstd is None:  # the C kernels ran the forward
         dx, dweight = native.rms_norm_backward(
-            dy_rows, dh_rows, x, rstd, _gamma32(weight, width), needs_dx, needs_dweight
+            dy_rows, dh_rows, x, _gamma(weight, width, x.dtype), ctx.eps, needs_dx, needs_dweight
         )
     else:
         dx, dweight = blocked.backward(dy_rows, dh_rows, x, rstd, weight, needs_dx, needs_dweight)
-    dx = None if dx is None else _shaped_like(dx, dy.shape)
+    if dx is not None and dx.shape != dy.shape:
+        dx = dx.view(dy.shape)
     if dweight is not None:
-        dweight = _shaped_like(dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype), weight.shape)
+        if dweight.dtype != weight.dtype:
+            dweight = dweight.to(weight.dtype)
+        if dweight.shape != weight.shape:
+            dweight = dweight.view(weight.shape)
     return dx, dweight
+
+
+# once_differentiable costs ~4 us per backward, an eighth of a small tensor's whole forward and
+# backward; it is needed only when the backward itself is recorded (create_graph=True), so only
+# then does _rms_backward take this wrapped copy, whose results raise if differentiated again.
+_rms_backward_once = once_differentiable(_rms_backward)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -153,14 +171,15 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, input: Tensor, weight: Tensor | None, shape: tuple[int, ...], eps: float
     ) -> Tensor:
-        y, _, rstd, x, ctx.used_native = _rms_forward(input, None, weight, shape, eps)
-        ctx.save_for_backward(x, rstd, weight)
-        return _shaped_like(y, input.shape)
+        y, _, x, rstd = _rms_forward(input, None, weight, shape, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
+        return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        dx, dweight = _rms_backward(ctx, dy, None, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        needs = ctx.needs_input_grad
+        dx, dweight = _rms_backward(ctx, dy, None, needs[0], needs[1])
         return dx, dweight, None, None
 
 
@@ -177,17 +196,17 @@ class _AddRMSNormFunction(torch.autograd.Function):
         eps: float,
     ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to add
-        y, h, rstd, _, ctx.used_native = _rms_forward(input, residual, weight, shape, eps)
-        ctx.save_for_backward(h, rstd, weight)
-        return _shaped_like(y, input.shape), _shaped_like(h, input.shape)
+        y, h, h_rows, rstd = _rms_forward(input, residual, weight, shape, eps)
+        ctx.save_for_backward(h_rows, weight, rstd)
+        ctx.eps = eps
+        return y, h
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
         if dy is None:  # only h was used downstream: the norm contributes nothing
             return dh, dh, None, None, None
-        needs_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        dx, dweight = _rms_backward(ctx, dy, dh, needs_dx, ctx.needs_input_grad[2])
+        needs = ctx.needs_input_grad
+        dx, dweight = _rms_backward(ctx, dy, dh, needs[0] or needs[1], needs[2])
         # h = input + residual: both receive dL/dh unchanged (autograd copies before accumulating)
         return dx, dx, dweight, None, None
 
@@ -199,11 +218,11 @@ def rms_norm_cpu(
     eps: float | None,
 ) -> Tensor:
     """The "cpu" backend of :func:`normlib.rms_norm`; ``eps=None`` is torch's default (see normlib._checks)."""
-    eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps
-    if _needs_autograd(input, weight):
+    if eps is None:
+        eps = RMS_NORM_DEFAULT_EPS[input.dtype]
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)):
         return _RMSNormFunction.apply(input, weight, normalized_shape, eps)
-    y, _, _, _, _ = _rms_forward(input, None, weight, normalized_shape, eps)
-    return _shaped_like(y, input.shape)
+    return _rms_forward(input, None, weight, normalized_shape, eps)[0]
 
 
 def add_rms_norm_cpu(
@@ -214,11 +233,12 @@ def add_rms_norm_cpu(
     eps: float | None,
 ) -> tuple[Tensor, Tensor]:
     """The "cpu" backend of :func:`normlib.add_rms_norm`: ``(rms_norm(h), h)`` with h = input + residual."""
-    eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps
+    if eps is None:
+        eps = RMS_NORM_DEFAULT_EPS[input.dtype]
     if _needs_autograd(input, residual, weight):
         return _AddRMSNormFunction.apply(input, residual, weight, normalized_shape, eps)
-    y, h, _, _, _ = _rms_forward(input, residual, weight, normalized_shape, eps)
-    return _shaped_like(y, input.shape), _shaped_like(h, input.shape)
+    y, h, _, _ = _rms_forward(input, residual, weight, normalized_shape, eps)
+    return y, h
 
 
 # ----------------------------------------------------------------------------------------------

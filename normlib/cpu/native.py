@@ -1,45 +1,52 @@
-"""Builds and loads ``rms_norm.c`` (the fused kernels) and calls them on torch tensors.
+"""Builds and loads ``rms_norm.c`` (the fused kernels) as a Python extension and calls it on tensors.
 
 The C file is compiled with the system C compiler the first time it is needed, into a cache
-directory keyed by the source, the flags, the compiler and the CPU, and then loaded with ctypes.
-Measured on the course machine (busy with other work), the first call in a fresh process took
-0.6-0.8 s with an empty cache and 10-20 ms with a warm one; torch.compile needs ~21 s and numba 3-4 s per kernel for the same job,
-both over the 2 s a notebook's first call may stall. Without a C compiler, :func:`library` returns
-None with a reason, and the callers use the pure-PyTorch blocked path instead.
+directory keyed by everything the binary depends on (the source, the flags, the compiler, the
+CPU, the Python version, the OpenMP runtime), and imported as the module ``_rms_norm``. Measured
+on the course machine, the first call in a fresh process took 0.5-0.8 s with an empty cache and
+~10 ms with a warm one; torch.compile needs ~21 s and numba 3-4 s per kernel for the same job,
+both over the 2 s a notebook's first call may stall. Without a C compiler or Python's C headers,
+:func:`extension` returns None with a reason, and the callers use the pure-PyTorch blocked path.
 
-ctypes releases the GIL during the call, and the kernels start their own threads (pthreads), so
-the op uses ``torch.get_num_threads()`` cores like PyTorch's own ops do.
+Threads. With OpenMP, the kernels run in PyTorch's own thread pool: the extension is linked
+against the very OpenMP runtime file PyTorch has loaded (found in /proc/self/maps), so the
+dynamic loader hands it the copy already in memory instead of a second runtime whose threads
+would compete with PyTorch's. Where that is impossible it is built with pthreads, started per
+call. The GIL is released while large tensors are processed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("rms_norm.c")
 # -march=native: the build is for this CPU only (the cache key includes the CPU's flags);
-# -fopenmp-simd: honour the `omp simd` loop pragmas without linking an OpenMP runtime, which
-# would fight PyTorch's own; no -ffast-math, so NaN and infinity propagate as in PyTorch.
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
+# no -ffast-math, so NaN and infinity propagate as in PyTorch.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC"]
+# With OpenMP: parallel regions in PyTorch's pool. Without: `omp simd` pragmas only, pthreads.
+OPENMP_FLAGS = ["-fopenmp"]
+PTHREAD_FLAGS = ["-fopenmp-simd", "-pthread"]
 
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# Each thread gets at least this many elements. Starting and joining a thread cost 25-60 us on the
-# course machine (a VM), so a second thread only pays off on large tensors. Measured forward of
-# (rows, 1024) float32, one thread vs two, median us: 512 rows 86 vs 121, 1024 rows 156 vs 168,
-# 2048 rows 425 vs 342, 4096 rows 1799 vs 810.
-_ELEMENTS_PER_THREAD = 1 << 19
+# Each thread gets at least this many elements. Measured on the course machine (2 cores, a VM),
+# forward of (rows, 1024) float32, one thread vs two, median us, OpenMP build: see _threads.
+_ELEMENTS_PER_THREAD = 1 << 15
 
 _why_unavailable: str | None = None
 
@@ -62,31 +69,49 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Compiles into a temporary file first, then renames: concurrent processes never load a half-written library."""
+def torch_openmp_runtime() -> str | None:
+    """The path of the GNU OpenMP runtime (libgomp) this process has loaded with PyTorch, or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if os.path.basename(path).startswith("libgomp") and ".so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _compile(compiler: str, include: str, openmp_runtime: str | None, target: Path) -> None:
+    """Compiles into a temporary file first, then renames: concurrent processes never load a
+    half-written library. Tries the OpenMP build first, then the pthreads one."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    common = [*FLAGS, f"-I{include}"]
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        partial = Path(scratch) / target.name
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
-            check=True, capture_output=True, text=True, timeout=120,
-        )
+        partial, obj = Path(scratch) / target.name, Path(scratch) / "rms_norm.o"
+        run = lambda command: subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
+        try:
+            if openmp_runtime is None:
+                raise subprocess.CalledProcessError(1, "openmp", stderr="PyTorch loaded no libgomp")
+            # Two steps: linking with -fopenmp would add the compiler's own -lgomp; instead the
+            # library names PyTorch's runtime file, whose soname the loader finds already loaded.
+            run([compiler, *common, *OPENMP_FLAGS, "-c", str(SOURCE), "-o", str(obj)])
+            run([compiler, "-shared", str(obj), openmp_runtime, "-o", str(partial), "-lm"])
+        except subprocess.CalledProcessError:
+            run([compiler, *common, *PTHREAD_FLAGS, "-shared", str(SOURCE), "-o", str(partial), "-lm"])
         os.replace(partial, target)
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.normlib_rms_norm_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, f32, i32]
-    lib.normlib_rms_norm_forward.restype = i32
-    lib.normlib_rms_norm_backward.argtypes = [i32, p, p, p, p, p, p, p, i64, i64, i32]
-    lib.normlib_rms_norm_backward.restype = i32
-    lib.normlib_has_float16.argtypes = []
-    lib.normlib_has_float16.restype = i32
-    return lib
+def _import(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader("normlib.cpu._rms_norm", str(path))
+    spec = importlib.util.spec_from_file_location("normlib.cpu._rms_norm", str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 @cache
-def library() -> ctypes.CDLL | None:
+def extension() -> ModuleType | None:
     """The compiled kernels, or None (and :func:`unavailable_reason` says why)."""
     global _why_unavailable
     if sys.platform == "win32":
@@ -96,86 +121,92 @@ def library() -> ctypes.CDLL | None:
     if compiler is None or not SOURCE.exists():
         _why_unavailable = f"no C compiler found (tried $CC, cc, gcc) or {SOURCE.name} is missing"
         return None
+    include = sysconfig.get_paths()["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        _why_unavailable = (
+            f"Python's C headers are missing (no Python.h in {include}); "
+            f"install them, e.g. apt install python3-dev"
+        )
+        return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        openmp_runtime = torch_openmp_runtime()
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode()
+            "\0".join([
+                SOURCE.read_text(), " ".join(FLAGS + OPENMP_FLAGS + PTHREAD_FLAGS), version, _cpu_signature(),
+                sys.version, include, str(openmp_runtime),
+            ]).encode()
         ).hexdigest()[:16]
         name = f"rms_norm_{key}.so"
         target = _cache_dir() / name
         if not target.exists():
             try:
-                _compile(compiler, target)
+                _compile(compiler, include, openmp_runtime, target)
             except PermissionError:  # a read-only home: build per user in the temporary directory
                 target = Path(tempfile.gettempdir()) / f"normlib-{os.getuid()}" / name
                 if not target.exists():
-                    _compile(compiler, target)
-        return _declare(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.SubprocessError) as error:
+                    _compile(compiler, include, openmp_runtime, target)
+        return _import(target)
+    except (OSError, ImportError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         _why_unavailable = f"building {SOURCE.name} failed: {detail.strip()[:500]}"
         return None
 
 
 def unavailable_reason() -> str | None:
-    library()
+    extension()
     return _why_unavailable
 
 
 def supports(dtype: torch.dtype) -> bool:
     """Whether the C kernels can store ``dtype`` (float16 only with a compiler that has _Float16)."""
-    lib = library()
-    if lib is None or dtype not in STORAGE_CODES:
+    module = extension()
+    if module is None or dtype not in STORAGE_CODES:
         return False
-    return dtype != torch.float16 or _has_float16(lib)
-
-
-@cache
-def _has_float16(lib: ctypes.CDLL) -> bool:
-    return bool(lib.normlib_has_float16())
+    return dtype != torch.float16 or module.has_float16()
 
 
 def _threads(elements: int) -> int:
+    if elements < 2 * _ELEMENTS_PER_THREAD:
+        return 1
     return max(1, min(torch.get_num_threads(), elements // _ELEMENTS_PER_THREAD))
 
 
 def rms_norm_forward(
     x: Tensor,  # (rows, n) contiguous, float32/bfloat16/float16
     residual: Tensor | None,  # (rows, n) contiguous, x's dtype, or None
-    gamma: Tensor,  # (n,) float32 contiguous
+    gamma: Tensor,  # (n,) contiguous, x's dtype
     eps: float,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Returns ``(y, h, rstd)``: y and h (None without residual) in x's dtype, rstd (rows,) float32."""
+) -> tuple[Tensor, Tensor | None]:
+    """Returns ``(y, h)`` in x's dtype, h None without a residual. Nothing is saved for the
+    backward but what was normalized (x, or h): it recomputes rstd from it."""
     rows, n = x.shape
     y = torch.empty_like(x)
     h = None if residual is None else torch.empty_like(x)
-    rstd = torch.empty(rows, dtype=torch.float32)
-    library().normlib_rms_norm_forward(
-        STORAGE_CODES[x.dtype], x.data_ptr(), None if residual is None else residual.data_ptr(),
-        None if h is None else h.data_ptr(), gamma.data_ptr(), y.data_ptr(), rstd.data_ptr(),
-        rows, n, eps, _threads(rows * n),
+    extension().forward(
+        STORAGE_CODES[x.dtype], x.data_ptr(), 0 if residual is None else residual.data_ptr(),
+        0 if h is None else h.data_ptr(), gamma.data_ptr(), y.data_ptr(), rows, n, eps,
+        _threads(rows * n),
     )
-    return y, h, rstd
+    return y, h
 
 
 def rms_norm_backward(
     dy: Tensor,  # (rows, n) contiguous, x's dtype
     dh: Tensor | None,  # (rows, n) contiguous or None
     x: Tensor,  # (rows, n) contiguous: what was normalized
-    rstd: Tensor,  # (rows,) float32
-    gamma: Tensor,  # (n,) float32 contiguous
+    gamma: Tensor,  # (n,) contiguous, x's dtype
+    eps: float,
     needs_dx: bool,
     needs_dgamma: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Returns ``(dx, dgamma)``, dx in x's dtype, dgamma float32 (None where not needed)."""
+    """Returns ``(dx, dgamma)`` in x's dtype (None where not needed); dgamma is summed in float32."""
     rows, n = x.shape
-    threads = _threads(rows * n)
     dx = torch.empty_like(x) if needs_dx else None
-    # one row of dgamma per thread, summed here; with one thread that row is dgamma itself
-    parts = torch.zeros((threads, n) if threads > 1 else n, dtype=torch.float32) if needs_dgamma else None
-    library().normlib_rms_norm_backward(
-        STORAGE_CODES[x.dtype], dy.data_ptr(), None if dh is None else dh.data_ptr(), x.data_ptr(),
-        rstd.data_ptr(), gamma.data_ptr(), None if dx is None else dx.data_ptr(),
-        None if parts is None else parts.data_ptr(), rows, n, threads,
+    dgamma = torch.empty_like(gamma) if needs_dgamma else None
+    extension().backward(
+        STORAGE_CODES[x.dtype], dy.data_ptr(), 0 if dh is None else dh.data_ptr(), x.data_ptr(),
+        gamma.data_ptr(), 0 if dx is None else dx.data_ptr(), 0 if dgamma is None else dgamma.data_ptr(),
+        rows, n, eps, _threads(rows * n),
     )
-    return dx, parts if parts is None or threads == 1 else parts.sum(0)
+    return dx, dgamma
