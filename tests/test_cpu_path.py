@@ -80,7 +80,7 @@ def implementation(request, monkeypatch) -> str:
         if native.unavailable_reason() is not None:
             pytest.skip(f"C kernels unavailable: {native.unavailable_reason()}")
     else:
-        monkeypatch.setattr(native, "supports", lambda dtype: False)
+        monkeypatch.setattr(native, "supports", lambda dtype, name="rms_norm": False)
     return request.param
 
 
@@ -113,11 +113,29 @@ def test_add_rms_norm_matches_torch(implementation, dtype, rows, width):
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("width", WIDTHS)
-def test_add_layer_norm_matches_torch(dtype, rows, width):
+def test_add_layer_norm_matches_torch(implementation, dtype, rows, width):
     x, r = sample((rows, width), dtype, 0), sample((rows, width), dtype, 2, shift=3.0)
     w, b = sample((width,), dtype, 1, shift=1.0), sample((width,), dtype, 3)
     fn = lambda backend: lambda x, r, w, b: normlib.add_layer_norm(x, r, (width,), w, b, 1e-5, backend=backend)  # noqa: E731
-    compare(run(fn("cpu"), [x, r, w, b]), run(fn("torch"), [x, r, w, b]), dtype, ["input", "residual", "weight", "bias"])
+    if implementation == "blocked" or (dtype in (torch.float32, torch.float64) and width > 1):
+        theirs = run(fn("torch"), [x, r, w, b])  # the fallback runs PyTorch's LayerNorm kernels
+    else:
+        # The reference is the float64 computation on h rounded to the dtype (as both
+        # implementations store h before normalizing it), rounded to the dtype at the end.
+        # Against PyTorch's own half-precision kernels: with 3 elements per row rstd is large, and
+        # PyTorch's extra roundings put its float16 input gradient 0.039 from this reference where
+        # normlib's C kernel is 0.014 from it. With one element per row x - mean is exactly 0 and
+        # so is the weight gradient; PyTorch's float32 mean is one rounding off, which
+        # rstd = 1/sqrt(eps) ~ 316 magnifies into ~3e-5.
+        def rounded_h(x, r, w, b):
+            h = x + r
+            h = h + (h.to(dtype).double() - h).detach()  # the rounded value, gradient unchanged
+            y = torch.nn.functional.layer_norm(h, (width,), w, b, 1e-5)
+            return y, h
+
+        exact = run(rounded_h, [x.double(), r.double(), w.double(), b.double()])
+        theirs = ([t.to(dtype) for t in exact[0]], [t.to(dtype) for t in exact[1]])
+    compare(run(fn("cpu"), [x, r, w, b]), theirs, dtype, ["input", "residual", "weight", "bias"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -130,6 +148,25 @@ def test_large_offset_rows(implementation, dtype):
     exact = run(lambda x, w: normlib.rms_norm(x, (1000,), w, 1e-6, backend="torch"), [x64, w64])
     exact = ([t.to(dtype) for t in exact[0]], [t.to(dtype) for t in exact[1]])
     compare(ours, exact, dtype, ["input", "weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_large_offset_rows_add_layer_norm(dtype):
+    """h = 1e4 + N(0, 1): the mean cancels almost every digit, so the variance must be summed from
+    deviations (sum(h^2)/n - mean^2 in float32 would be noise) and the mean kept finer than its
+    float32 ulp at 1e4. The residual is 0 so that h is x exactly and the float64 reference
+    normalizes the same row. Only the C kernels: the fallback runs PyTorch's own LayerNorm,
+    which is off by 6.6e-3 (float32) and 0.27 (bfloat16) on these rows, against 1.2e-6 and 0
+    for the C kernels (measured with torch 2.13.0)."""
+    if dtype != torch.float64 and native.unavailable_reason("layer_norm") is not None:
+        pytest.skip(f"C kernels unavailable: {native.unavailable_reason('layer_norm')}")
+    x, w = sample((7, 1000), dtype, 0, shift=1e4), sample((1000,), dtype, 1, shift=1.0)
+    b, r = sample((1000,), dtype, 2), torch.zeros(7, 1000, dtype=dtype)
+    fn = lambda x, r, w, b: normlib.add_layer_norm(x, r, (1000,), w, b, 1e-5, backend="cpu")  # noqa: E731
+    ours = run(fn, [x, r, w, b])
+    exact = run(fn, [x.double(), r.double(), w.double(), b.double()])
+    exact = ([t.to(dtype) for t in exact[0]], [t.to(dtype) for t in exact[1]])
+    compare(ours, exact, dtype, ["input", "residual", "weight", "bias"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -162,6 +199,9 @@ def test_two_normalized_dims(implementation, shape):
     r = sample(shape, torch.float32, 2)
     add = lambda backend: lambda x, r, w: normlib.add_rms_norm(x, r, (4, 5), w, backend=backend)  # noqa: E731
     compare(run(add("cpu"), [x, r, w]), run(add("torch"), [x, r, w]), torch.float32, ["input", "residual", "weight"])
+    b = sample((4, 5), torch.float32, 3)
+    ln = lambda backend: lambda x, r, w, b: normlib.add_layer_norm(x, r, (4, 5), w, b, backend=backend)  # noqa: E731
+    compare(run(ln("cpu"), [x, r, w, b]), run(ln("torch"), [x, r, w, b]), torch.float32, ["input", "residual", "weight", "bias"])
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
@@ -193,6 +233,13 @@ def test_inference_and_empty_batches(implementation):
     y.sum().backward()
     assert y.shape == (0, 40) and empty.grad.shape == (0, 40)
     torch.testing.assert_close(w.grad, torch.zeros(40))
+    w.grad = None
+    b = torch.zeros(40, requires_grad=True)
+    y, h = normlib.add_layer_norm(empty, empty, (40,), w, b, backend="cpu")
+    (y.sum() + h.sum()).backward()
+    assert y.shape == h.shape == (0, 40)
+    torch.testing.assert_close(w.grad, torch.zeros(40))
+    torch.testing.assert_close(b.grad, torch.zeros(40))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,17 +278,20 @@ def test_c_kernels_against_float64(dtype):
 @pytest.mark.parametrize("threads", [2, 3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_c_kernels_split_rows_across_threads(monkeypatch, threads, dtype):
-    """Real tensors reach two threads only from 2^20 elements; forcing the count tests the row
-    split (37 rows do not divide evenly) and the per-thread sums of the weight gradient."""
+    """Small tensors run on one thread; forcing the count tests the row split (37 rows do not
+    divide evenly, 5 threads on a 2-core machine) and the per-thread sums of the weight gradient."""
     if native.unavailable_reason() is not None:
         pytest.skip(f"C kernels unavailable: {native.unavailable_reason()}")
-    monkeypatch.setattr(native, "_threads", lambda elements: threads)
+    monkeypatch.setattr(native, "_threads", lambda elements, dtype: threads)
     x, r = sample((37, 100), dtype, 0), sample((37, 100), dtype, 1)
     w = sample((100,), dtype, 2, shift=1.0)
     rms = lambda backend: lambda x, w: normlib.rms_norm(x, (100,), w, backend=backend)  # noqa: E731
     compare(run(rms("cpu"), [x, w]), run(rms("torch"), [x, w]), dtype, ["input", "weight"])
     add = lambda backend: lambda x, r, w: normlib.add_rms_norm(x, r, (100,), w, backend=backend)  # noqa: E731
     compare(run(add("cpu"), [x, r, w]), run(add("torch"), [x, r, w]), dtype, ["input", "residual", "weight"])
+    b = sample((100,), dtype, 3)
+    ln = lambda backend: lambda x, r, w, b: normlib.add_layer_norm(x, r, (100,), w, b, backend=backend)  # noqa: E731
+    compare(run(ln("cpu"), [x, r, w, b]), run(ln("torch"), [x, r, w, b]), dtype, ["input", "residual", "weight", "bias"])
 
 
 def test_nan_and_infinity_propagate(implementation):
@@ -305,3 +355,40 @@ def test_direct_call_with_eps_none_uses_torchs_default_for_half_inputs():
 
     x = torch.full((3, 1), 1e-3, dtype=torch.float16)
     torch.testing.assert_close(rms_norm_cpu(x, (1,), None, None), torch.nn.functional.rms_norm(x, (1,)))
+
+
+def test_kernels_run_in_pytorchs_openmp_threads():
+    """Linux with PyTorch's libgomp: the extensions use that very runtime, never a second copy."""
+    if native.torch_openmp_runtime() is None:
+        pytest.skip("PyTorch has loaded no GNU OpenMP runtime here")
+    for name in native.KERNELS:
+        if native.unavailable_reason(name) is not None:
+            pytest.skip(f"C kernels unavailable: {native.unavailable_reason(name)}")
+        assert native.extension(name).threading() == "openmp", name
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
+    assert runtimes == {native.torch_openmp_runtime()}, runtimes
+
+
+def test_pthreads_build_when_pytorch_has_no_openmp(tmp_path):
+    """Where PyTorch brought no libgomp, the kernels are built with pthreads and give the same results."""
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"C kernels unavailable: {native.unavailable_reason()}")
+    script = (
+        "import torch, normlib\n"
+        "from normlib.cpu import native\n"
+        "native.torch_openmp_runtime = lambda: None\n"
+        "native._threads = lambda elements, dtype: 3\n"
+        "for name in native.KERNELS:\n"
+        "    assert native.extension(name).threading() == 'pthreads', name\n"
+        "x, r, w, b = torch.randn(37, 64), torch.randn(37, 64), torch.rand(64) + 0.5, torch.randn(64)\n"
+        "for t in (x, w, b): t.requires_grad_()\n"
+        "for backend in ('cpu', 'torch'):\n"
+        "    y = normlib.rms_norm(x, 64, w, backend=backend) + normlib.add_layer_norm(x, r, 64, w, b, backend=backend)[0]\n"
+        "    grads = torch.autograd.grad(y.square().sum(), (x, w, b))\n"
+        "    if backend == 'cpu': ours = (y, *grads)\n"
+        "for a, e in zip(ours, (y, *grads)): torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)\n"
+    )
+    env = dict(os.environ, NORMLIB_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

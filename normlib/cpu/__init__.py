@@ -79,18 +79,18 @@ def _as_rows(tensor: Tensor | None, rows: int, width: int) -> Tensor | None:
 
 
 @lru_cache(maxsize=16)
-def _ones(width: int, dtype: torch.dtype) -> Tensor:
-    """gamma for an op without a weight (never written to: the kernels only read it)."""
-    return torch.ones(width, dtype=dtype)
+def _filled(width: int, dtype: torch.dtype, value: float) -> Tensor:
+    """gamma (ones) or beta (zeros) for an op without one; the kernels only read it."""
+    return torch.full((width,), value, dtype=dtype)
 
 
-def _gamma(weight: Tensor | None, width: int, dtype: torch.dtype) -> Tensor:
-    """The weight as a contiguous (width,) vector of the input's dtype (the C kernels' gamma)."""
-    if weight is None:
-        return _ones(width, dtype)
-    if weight.dim() == 1 and weight.is_contiguous():
-        return weight
-    return weight.reshape(width).contiguous()
+def _vector(parameter: Tensor | None, width: int, dtype: torch.dtype, missing: float = 1.0) -> Tensor:
+    """A weight or bias as the C kernels take it: a contiguous (width,) vector of the input's dtype."""
+    if parameter is None:
+        return _filled(width, dtype, missing)
+    if parameter.dim() == 1 and parameter.is_contiguous():
+        return parameter
+    return parameter.reshape(width).contiguous()
 
 
 def _needs_autograd(*tensors: Tensor | None) -> bool:
@@ -121,7 +121,7 @@ def _rms_forward(
         rows = math.prod(input.shape[: input.dim() - len(shape)])
         x, res, flat = _as_rows(input, rows, width), _as_rows(residual, rows, width), True
     if (weight is None or weight.dtype == input.dtype) and native.supports(input.dtype):
-        y, h = native.rms_norm_forward(x, res, _gamma(weight, width, input.dtype), eps)
+        y, h = native.rms_norm_forward(x, res, _vector(weight, width, input.dtype), eps)
         rstd = None
     else:
         y, h, rstd = blocked.forward(x, res, weight, eps)
@@ -144,7 +144,7 @@ def _rms_backward(
     needs_dweight = needs_dweight and weight is not None
     if rstd is None:  # the C kernels ran the forward
         dx, dweight = native.rms_norm_backward(
-            dy_rows, dh_rows, x, _gamma(weight, width, x.dtype), ctx.eps, needs_dx, needs_dweight
+            dy_rows, dh_rows, x, _vector(weight, width, x.dtype), ctx.eps, needs_dx, needs_dweight
         )
     else:
         dx, dweight = blocked.backward(dy_rows, dh_rows, x, rstd, weight, needs_dx, needs_dweight)
@@ -242,8 +242,77 @@ def add_rms_norm_cpu(
 
 
 # ----------------------------------------------------------------------------------------------
-# Residual add + LayerNorm: PyTorch's LayerNorm kernels, one graph node around them
+# Residual add + LayerNorm: the C kernels, else PyTorch's LayerNorm kernels in one graph node
 # ----------------------------------------------------------------------------------------------
+
+
+def _native_layer_norm_ok(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    return (
+        (weight is None or weight.dtype == input.dtype)
+        and (bias is None or bias.dtype == input.dtype)
+        and native.supports(input.dtype, "layer_norm")
+    )
+
+
+def _fused_add_layer_norm(
+    input: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, shape: tuple[int, ...], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The C forward: ``(y, h)`` shaped like the input, and h as (rows, width) for the backward."""
+    width = math.prod(shape)
+    rows = math.prod(input.shape[: input.dim() - len(shape)])
+    x, res = _as_rows(input, rows, width), _as_rows(residual, rows, width)
+    y, h = native.add_layer_norm_forward(
+        x, res, _vector(weight, width, input.dtype), _vector(bias, width, input.dtype, missing=0.0), eps
+    )
+    if y.shape != input.shape:
+        return y.view(input.shape), h.view(input.shape), h
+    return y, h, h
+
+
+def _fused_add_layer_norm_backward(ctx: FunctionCtx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
+    if torch.is_grad_enabled():  # create_graph=True: mark the results as not differentiable again
+        return _fused_add_layer_norm_backward_once(ctx, dy, dh)
+    if dy is None:  # only h was used downstream: the norm contributes nothing
+        return dh, dh, None, None, None, None
+    h, weight, bias = ctx.saved_tensors
+    rows, width = h.shape
+    needs = ctx.needs_input_grad
+    needs_parameters = (weight is not None and needs[2]) or (bias is not None and needs[3])
+    dx, dweight, dbias = native.add_layer_norm_backward(
+        _as_rows(dy, rows, width), _as_rows(dh, rows, width), h, _vector(weight, width, h.dtype),
+        ctx.eps, needs[0] or needs[1], needs_parameters,
+    )
+    if dx is not None and dx.shape != dy.shape:
+        dx = dx.view(dy.shape)
+    dweight = dweight.view(weight.shape) if weight is not None and needs[2] else None
+    dbias = dbias.view(bias.shape) if bias is not None and needs[3] else None
+    # h = input + residual: both receive the same gradient (autograd copies before accumulating)
+    return dx, dx, dweight, dbias, None, None
+
+
+_fused_add_layer_norm_backward_once = once_differentiable(_fused_add_layer_norm_backward)
+
+
+class _FusedAddLayerNormFunction(torch.autograd.Function):
+    """(y, h) = (layer_norm(x + residual), x + residual) as one graph node, in the C kernels."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        residual: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        shape: tuple[int, ...],
+        eps: float,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        y, h, h_rows = _fused_add_layer_norm(input, residual, weight, bias, shape, eps)
+        ctx.save_for_backward(h_rows, weight, bias)
+        ctx.eps = eps
+        return y, h
+
+    backward = staticmethod(_fused_add_layer_norm_backward)
 
 
 def _add_contiguous(input: Tensor, residual: Tensor) -> Tensor:
@@ -252,7 +321,8 @@ def _add_contiguous(input: Tensor, residual: Tensor) -> Tensor:
 
 
 class _AddLayerNormFunction(torch.autograd.Function):
-    """(y, h) = (layer_norm(x + residual), x + residual) as one graph node."""
+    """The fallback (float64, mixed dtypes, no C compiler): PyTorch's LayerNorm kernels and the add
+    as one graph node, which adds the gradient arriving on h in place instead of in a new tensor."""
 
     @staticmethod
     def forward(
@@ -299,6 +369,10 @@ def add_layer_norm_cpu(
     eps: float,
 ) -> tuple[Tensor, Tensor]:
     """The "cpu" backend of :func:`normlib.add_layer_norm`: ``(layer_norm(h), h)`` with h = input + residual."""
+    if _native_layer_norm_ok(input, weight, bias):
+        if _needs_autograd(input, residual, weight, bias):
+            return _FusedAddLayerNormFunction.apply(input, residual, weight, bias, normalized_shape, eps)
+        return _fused_add_layer_norm(input, residual, weight, bias, normalized_shape, eps)[:2]
     if _needs_autograd(input, residual, weight, bias):
         return _AddLayerNormFunction.apply(input, residual, weight, bias, normalized_shape, eps)
     h = _add_contiguous(input, residual)

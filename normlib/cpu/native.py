@@ -1,8 +1,10 @@
-"""Builds and loads ``rms_norm.c`` (the fused kernels) as a Python extension and calls it on tensors.
+"""Builds and loads the fused C kernels as Python extensions and calls them on tensors.
 
-The C file is compiled with the system C compiler the first time it is needed, into a cache
-directory keyed by everything the binary depends on (the source, the flags, the compiler, the
-CPU, the Python version, the OpenMP runtime), and imported as the module ``_rms_norm``. Measured
+``rms_norm.c`` (RMSNorm, with or without the residual add) and ``layer_norm.c`` (residual add +
+LayerNorm) share ``_kernels.h``. Each is compiled with the system C compiler the first time it is
+needed, into a cache directory keyed by everything the binary depends on (the sources, the flags,
+the compiler, the CPU, the Python version, the OpenMP runtime), and imported as ``_rms_norm`` or
+``_layer_norm``. Measured
 on the course machine, the first call in a fresh process took 0.5-0.8 s with an empty cache and
 ~10 ms with a warm one; torch.compile needs ~21 s and numba 3-4 s per kernel for the same job,
 both over the 2 s a notebook's first call may stall. Without a C compiler or Python's C headers,
@@ -34,7 +36,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("rms_norm.c")
+SOURCE_DIR = Path(__file__).parent
+HEADER = SOURCE_DIR / "_kernels.h"
+KERNELS = ("rms_norm", "layer_norm")  # SOURCE_DIR/<name>.c -> the extension module _<name>
 # -march=native: the build is for this CPU only (the cache key includes the CPU's flags);
 # no -ffast-math, so NaN and infinity propagate as in PyTorch.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC"]
@@ -44,11 +48,12 @@ PTHREAD_FLAGS = ["-fopenmp-simd", "-pthread"]
 
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# Each thread gets at least this many elements. Measured on the course machine (2 cores, a VM),
-# forward of (rows, 1024) float32, one thread vs two, median us, OpenMP build: see _threads.
-_ELEMENTS_PER_THREAD = 1 << 15
-
-_why_unavailable: str | None = None
+# Elements per thread, by storage type: a second thread pays off once each has this many. With
+# OpenMP a parallel region costs ~1-2 us on the course machine (2 cores, a VM); measured, median
+# us, one thread vs two, (rows, 1024) forward / backward: float32 32768 elements 6.6 vs 7.5 /
+# 10.1 vs 13.7, 65536 14.7 vs 10.0 / 23.8 vs 21.7; bfloat16 (conversions make it compute-bound
+# for longer) 8192 3.5 vs 3.1 / 7.4 vs 6.9, 16384 6.3 vs 4.2 / 11.6 vs 8.3.
+_ELEMENTS_PER_THREAD = {torch.float32: 1 << 15, torch.bfloat16: 1 << 13, torch.float16: 1 << 13}
 
 
 def _cpu_signature() -> str:
@@ -82,48 +87,51 @@ def torch_openmp_runtime() -> str | None:
     return None
 
 
-def _compile(compiler: str, include: str, openmp_runtime: str | None, target: Path) -> None:
+def _compile(compiler: str, source: Path, include: str, openmp_runtime: str | None, target: Path) -> None:
     """Compiles into a temporary file first, then renames: concurrent processes never load a
     half-written library. Tries the OpenMP build first, then the pthreads one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    common = [*FLAGS, f"-I{include}"]
+    common = [*FLAGS, f"-I{include}", f"-I{SOURCE_DIR}"]
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        partial, obj = Path(scratch) / target.name, Path(scratch) / "rms_norm.o"
+        partial, obj = Path(scratch) / target.name, Path(scratch) / f"{source.stem}.o"
         run = lambda command: subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
         try:
             if openmp_runtime is None:
                 raise subprocess.CalledProcessError(1, "openmp", stderr="PyTorch loaded no libgomp")
             # Two steps: linking with -fopenmp would add the compiler's own -lgomp; instead the
             # library names PyTorch's runtime file, whose soname the loader finds already loaded.
-            run([compiler, *common, *OPENMP_FLAGS, "-c", str(SOURCE), "-o", str(obj)])
+            run([compiler, *common, *OPENMP_FLAGS, "-c", str(source), "-o", str(obj)])
             run([compiler, "-shared", str(obj), openmp_runtime, "-o", str(partial), "-lm"])
         except subprocess.CalledProcessError:
-            run([compiler, *common, *PTHREAD_FLAGS, "-shared", str(SOURCE), "-o", str(partial), "-lm"])
+            run([compiler, *common, *PTHREAD_FLAGS, "-shared", str(source), "-o", str(partial), "-lm"])
         os.replace(partial, target)
 
 
-def _import(path: Path) -> ModuleType:
-    loader = importlib.machinery.ExtensionFileLoader("normlib.cpu._rms_norm", str(path))
-    spec = importlib.util.spec_from_file_location("normlib.cpu._rms_norm", str(path), loader=loader)
+def _import(name: str, path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(f"normlib.cpu._{name}", str(path))
+    spec = importlib.util.spec_from_file_location(f"normlib.cpu._{name}", str(path), loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
 
 
+_why_unavailable: dict[str, str] = {}
+
+
 @cache
-def extension() -> ModuleType | None:
-    """The compiled kernels, or None (and :func:`unavailable_reason` says why)."""
-    global _why_unavailable
+def extension(name: str = "rms_norm") -> ModuleType | None:
+    """The compiled kernels ``name`` (one of KERNELS), or None (:func:`unavailable_reason` says why)."""
+    source = SOURCE_DIR / f"{name}.c"
     if sys.platform == "win32":
-        _why_unavailable = "the fused C kernels are built with a POSIX C compiler (not on Windows)"
+        _why_unavailable[name] = "the fused C kernels are built with a POSIX C compiler (not on Windows)"
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not SOURCE.exists():
-        _why_unavailable = f"no C compiler found (tried $CC, cc, gcc) or {SOURCE.name} is missing"
+    if compiler is None or not source.exists():
+        _why_unavailable[name] = f"no C compiler found (tried $CC, cc, gcc) or {source.name} is missing"
         return None
     include = sysconfig.get_paths()["include"]
     if not os.path.exists(os.path.join(include, "Python.h")):
-        _why_unavailable = (
+        _why_unavailable[name] = (
             f"Python's C headers are missing (no Python.h in {include}); "
             f"install them, e.g. apt install python3-dev"
         )
@@ -133,43 +141,46 @@ def extension() -> ModuleType | None:
         openmp_runtime = torch_openmp_runtime()
         key = hashlib.sha256(
             "\0".join([
-                SOURCE.read_text(), " ".join(FLAGS + OPENMP_FLAGS + PTHREAD_FLAGS), version, _cpu_signature(),
-                sys.version, include, str(openmp_runtime),
+                source.read_text(), HEADER.read_text(), " ".join(FLAGS + OPENMP_FLAGS + PTHREAD_FLAGS),
+                version, _cpu_signature(), sys.version, include, str(openmp_runtime),
             ]).encode()
         ).hexdigest()[:16]
-        name = f"rms_norm_{key}.so"
-        target = _cache_dir() / name
+        file_name = f"{name}_{key}.so"
+        target = _cache_dir() / file_name
         if not target.exists():
             try:
-                _compile(compiler, include, openmp_runtime, target)
+                _compile(compiler, source, include, openmp_runtime, target)
             except PermissionError:  # a read-only home: build per user in the temporary directory
-                target = Path(tempfile.gettempdir()) / f"normlib-{os.getuid()}" / name
+                target = Path(tempfile.gettempdir()) / f"normlib-{os.getuid()}" / file_name
                 if not target.exists():
-                    _compile(compiler, include, openmp_runtime, target)
-        return _import(target)
+                    _compile(compiler, source, include, openmp_runtime, target)
+        return _import(name, target)
     except (OSError, ImportError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        _why_unavailable = f"building {SOURCE.name} failed: {detail.strip()[:500]}"
+        _why_unavailable[name] = f"building {source.name} failed: {detail.strip()[:500]}"
         return None
 
 
-def unavailable_reason() -> str | None:
-    extension()
-    return _why_unavailable
+def unavailable_reason(name: str = "rms_norm") -> str | None:
+    """None when the kernels ``name`` are built and loaded, else why not."""
+    extension(name)
+    return _why_unavailable.get(name)
 
 
-def supports(dtype: torch.dtype) -> bool:
-    """Whether the C kernels can store ``dtype`` (float16 only with a compiler that has _Float16)."""
-    module = extension()
+@cache
+def supports(dtype: torch.dtype, name: str = "rms_norm") -> bool:
+    """Whether the C kernels ``name`` can store ``dtype`` (float16 only with a compiler that has _Float16)."""
+    module = extension(name)
     if module is None or dtype not in STORAGE_CODES:
         return False
     return dtype != torch.float16 or module.has_float16()
 
 
-def _threads(elements: int) -> int:
-    if elements < 2 * _ELEMENTS_PER_THREAD:
+def _threads(elements: int, dtype: torch.dtype) -> int:
+    per_thread = _ELEMENTS_PER_THREAD[dtype]
+    if elements < 2 * per_thread:
         return 1
-    return max(1, min(torch.get_num_threads(), elements // _ELEMENTS_PER_THREAD))
+    return min(torch.get_num_threads(), elements // per_thread)
 
 
 def rms_norm_forward(
@@ -186,7 +197,7 @@ def rms_norm_forward(
     extension().forward(
         STORAGE_CODES[x.dtype], x.data_ptr(), 0 if residual is None else residual.data_ptr(),
         0 if h is None else h.data_ptr(), gamma.data_ptr(), y.data_ptr(), rows, n, eps,
-        _threads(rows * n),
+        _threads(rows * n, x.dtype),
     )
     return y, h
 
@@ -207,6 +218,45 @@ def rms_norm_backward(
     extension().backward(
         STORAGE_CODES[x.dtype], dy.data_ptr(), 0 if dh is None else dh.data_ptr(), x.data_ptr(),
         gamma.data_ptr(), 0 if dx is None else dx.data_ptr(), 0 if dgamma is None else dgamma.data_ptr(),
-        rows, n, eps, _threads(rows * n),
+        rows, n, eps, _threads(rows * n, x.dtype),
     )
     return dx, dgamma
+
+
+def add_layer_norm_forward(
+    x: Tensor,  # (rows, n) contiguous, float32/bfloat16/float16
+    residual: Tensor,  # (rows, n) contiguous, x's dtype
+    gamma: Tensor,  # (n,) contiguous, x's dtype
+    beta: Tensor,  # (n,) contiguous, x's dtype
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(y, h)`` in x's dtype; the backward recomputes mean and rstd from h."""
+    rows, n = x.shape
+    y, h = torch.empty_like(x), torch.empty_like(x)
+    extension("layer_norm").forward(
+        STORAGE_CODES[x.dtype], x.data_ptr(), residual.data_ptr(), h.data_ptr(), gamma.data_ptr(),
+        beta.data_ptr(), y.data_ptr(), rows, n, eps, _threads(rows * n, x.dtype),
+    )
+    return y, h
+
+
+def add_layer_norm_backward(
+    dy: Tensor,  # (rows, n) contiguous, h's dtype
+    dh: Tensor | None,  # (rows, n) contiguous or None
+    h: Tensor,  # (rows, n) contiguous: what was normalized
+    gamma: Tensor,  # (n,) contiguous, h's dtype
+    eps: float,
+    needs_dx: bool,
+    needs_parameters: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Returns ``(dx, dgamma, dbeta)`` in h's dtype (dgamma and dbeta both or neither), dx
+    including dh; the parameter gradients are summed in float32."""
+    rows, n = h.shape
+    dx = torch.empty_like(h) if needs_dx else None
+    dgamma, dbeta = (torch.empty_like(gamma), torch.empty_like(gamma)) if needs_parameters else (None, None)
+    extension("layer_norm").backward(
+        STORAGE_CODES[h.dtype], dy.data_ptr(), 0 if dh is None else dh.data_ptr(), h.data_ptr(),
+        gamma.data_ptr(), 0 if dx is None else dx.data_ptr(), 0 if dgamma is None else dgamma.data_ptr(),
+        0 if dbeta is None else dbeta.data_ptr(), rows, n, eps, _threads(rows * n, h.dtype),
+    )
+    return dx, dgamma, dbeta
