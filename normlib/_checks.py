@@ -54,7 +54,8 @@ def check_tensor_like_input(
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    if tensor.device != input.device:
+    # is_cpu first: reading .device builds a torch.device object, twice the cost on small tensors
+    if not (tensor.is_cpu and input.is_cpu) and tensor.device != input.device:
         raise ValueError(
             f"{name} is on device {tensor.device} but input is on {input.device}; "
             f"expected both on the same device"
@@ -96,8 +97,8 @@ def check_normalized_shape(normalized_shape: int | Sequence[int], input: torch.T
     else:
         shape = _as_shape(normalized_shape)
     count = len(shape)
-    if count == 1:
-        matches = input.dim() >= 1 and input.shape[-1] == shape[0]
+    if count == 1:  # the public ops have checked input.dim() >= 1 already (check_input)
+        matches = input.shape[-1] == shape[0]
     else:
         matches = input.dim() >= count and input.shape[-count:] == shape
     if not matches:

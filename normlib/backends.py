@@ -127,7 +127,11 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 
 
 _LOADED: dict[str, Callable] = {}
-_AUTO_CHOICE: dict[tuple[str, torch.device], Callable] = {}
+# (op, backend name or "auto", device) -> the function, for answers that cannot change within a
+# process. resolve() runs on every call of every op, and on a small tensor the whole op takes a
+# few microseconds: the key is the device object itself because reading device.type or the
+# environment would cost more than the rest of the lookup.
+_RESOLVED: dict[tuple[str, str, torch.device], Callable] = {}
 
 
 def _load(target: str) -> Callable:
@@ -180,17 +184,14 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     Raises ValueError for a backend name that does not exist and RuntimeError for one that
     exists but cannot run here, listing what can.
     """
+    function = _RESOLVED.get((op, backend, device))
+    if function is not None:
+        return function
     if backend == "auto":
         # What "auto" picks depends only on the op and the device (no backend in AUTO_ORDER
-        # depends on Triton's interpreter), so it is worked out once per (op, device): this runs
-        # on every call of every op, and the key is the device object itself because reading
-        # device.type or the environment would cost more than the rest of the lookup.
-        function = _AUTO_CHOICE.get((op, device))
-        if function is None:
-            name = next(
-                (n for n in AUTO_ORDER.get(device.type, ()) if _why_not(op, n, device) is None), "torch"
-            )
-            function = _AUTO_CHOICE[(op, device)] = _load(IMPLEMENTATIONS[op][name])
+        # depends on Triton's interpreter), so it is worked out once per (op, device).
+        name = next((n for n in AUTO_ORDER.get(device.type, ()) if _why_not(op, n, device) is None), "torch")
+        function = _RESOLVED[(op, backend, device)] = _load(IMPLEMENTATIONS[op][name])
         return function
     if backend not in BACKENDS:
         raise ValueError(
@@ -204,4 +205,7 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
             f"backend={backend!r} cannot run {op} here: {reason}. "
             f"Available for {op} on {device.type}: {available_backends(op, device)}"
         )
-    return _load(IMPLEMENTATIONS[op][backend])
+    function = _load(IMPLEMENTATIONS[op][backend])
+    if backend != "triton":  # whether Triton runs CPU tensors depends on TRITON_INTERPRET, read per call
+        _RESOLVED[(op, backend, device)] = function
+    return function

@@ -222,7 +222,7 @@ def batch_norm_torch(
     fp32 input of 1e4 + N(0, 1) its outputs were off by ~1e-2 against ~1e-3 for the contiguous
     kernel in our tests. Non-contiguous CPU inputs are therefore copied to the contiguous layout.
     """
-    if input.device.type == "cpu" and not input.is_contiguous():
+    if not input.is_contiguous() and input.is_cpu:
         input = input.contiguous()
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 

@@ -164,7 +164,7 @@ def group_norm_torch(
     input of 1e4 + N(0, 1) its variance is rounding noise (outputs off by ~1e3 in our tests).
     So non-contiguous CPU inputs are copied to the contiguous layout first.
     """
-    if input.device.type == "cpu" and not input.is_contiguous():
+    if not input.is_contiguous() and input.is_cpu:
         input = input.contiguous()
     return F.group_norm(input, num_groups, weight, bias, eps)
 

@@ -113,15 +113,15 @@ def _rms_forward(
     """Returns ``(y, h, normalized, rstd)``: y and h (None without a residual) shaped
     like the input, and what the backward needs: ``normalized`` (h, or the input) as contiguous
     (rows, width), and rstd (rows,) from the fallback (the C backward recomputes it: None)."""
+    dtype = input.dtype
     if len(shape) == 1 and input.dim() == 2 and input.is_contiguous() and (residual is None or residual.is_contiguous()):
-        rows, width = input.shape
         x, res, flat = input, residual, False
     else:
-        width = math.prod(shape)
-        rows = math.prod(input.shape[: input.dim() - len(shape)])
-        x, res, flat = _as_rows(input, rows, width), _as_rows(residual, rows, width), True
-    if (weight is None or weight.dtype == input.dtype) and native.supports(input.dtype):
-        y, h = native.rms_norm_forward(x, res, _vector(weight, width, input.dtype), eps)
+        x = _as_rows(input, math.prod(input.shape[: input.dim() - len(shape)]), math.prod(shape))
+        res, flat = _as_rows(residual, *x.shape), True
+    if (weight is None or weight.dtype == dtype) and native.supports(dtype):
+        gamma = weight if weight is not None and weight.dim() == 1 and weight.is_contiguous() else _vector(weight, x.shape[1], dtype)
+        y, h = native.rms_norm_forward(x, res, gamma, eps)
         rstd = None
     else:
         y, h, rstd = blocked.forward(x, res, weight, eps)
