@@ -3,20 +3,22 @@
 Why it exists. ``torch.nn.functional.rms_norm`` on the CPU is a chain of separate ops (square,
 mean, add, rsqrt, multiply, multiply by the weight), each a full pass that writes a full-size
 temporary, so it costs about three times ``F.layer_norm``, which is one fused kernel. The backward
-of the chain is worse still.
+of the chain is worse still. And "h = x + residual; norm(h)" in PyTorch writes h and reads it
+back, and adds the two gradients of h in a pass of its own.
 
 What runs (the functions below are the "cpu" backend's entries in :mod:`normlib.backends`):
 
-``rms_norm.c`` (via :mod:`normlib.cpu.native`)
-    One C kernel per direction, compiled on first use: each row is read from memory once, its
-    statistics computed in float32, and the output written once. float32, bfloat16 and float16.
+``rms_norm.c`` and ``layer_norm.c`` (built and called by :mod:`normlib.cpu.native`)
+    C kernels compiled on first use into Python extensions: each row is read from memory once,
+    its statistics computed in float32, and the output written once; the backward recomputes the
+    row statistics instead of saving them. float32, bfloat16 and float16 (one dtype for input,
+    weight and bias). They run in PyTorch's own OpenMP threads.
 :mod:`normlib.cpu.blocked`
-    The fallback in plain PyTorch (no C compiler, float64, or a weight whose dtype differs from
-    the input's): rows in cache-sized blocks, no full-size temporaries.
+    The RMSNorm fallback in plain PyTorch (no C compiler or Python headers, float64, or a weight
+    whose dtype differs from the input's): rows in cache-sized blocks, no full-size temporaries.
+    add_layer_norm's fallback is PyTorch's LayerNorm kernels and the add in one autograd node.
 
-LayerNorm is *not* replaced: PyTorch's CPU kernel is already one pass per direction.
-``add_layer_norm_cpu`` wraps PyTorch's own LayerNorm kernels with the residual add in a single
-autograd node, which adds the gradient arriving on h in place instead of in a new tensor.
+Plain LayerNorm is *not* replaced: PyTorch's CPU kernel is already one pass per direction.
 
 How the means were chosen, by measurement on the course machine (2 cores, torch 2.13.0):
 
@@ -24,15 +26,14 @@ How the means were chosen, by measurement on the course machine (2 cores, torch 
   temporaries but still make one pass per op: about twice F.layer_norm's time.
 * torch.compile brings RMSNorm near LayerNorm but compiles for ~21 s in a fresh process; numba
   needed 3-4 s per kernel and had no bfloat16. A first call may stall a notebook ~2 s at most.
-* The C kernels compile in ~0.3-0.8 s once per machine (then ~10 ms to load from the cache) and
-  run at about F.layer_norm's time. One-thread CPU time (robust to other load), forward /
-  forward+backward as a fraction of F.layer_norm's: 4096x1024 float32 0.79 / 0.89, bfloat16
-  0.60 / 0.82; 512x8192 float32 0.86 / 0.98, bfloat16 0.67 / 0.78; 16384x256 float32
-  1.00 / 0.64. Against F.rms_norm (whose forward in torch 2.13 is ~1.5-2x LayerNorm's, its
-  backward 4-6x): forward 1.9-28x, forward+backward 3.3-26x faster.
-  Below 2^20 elements one thread runs (starting a second costs 25-60 us), and tensors of a few
-  thousand elements are bound by Python and autograd overhead: ~7 us per forward and ~55 us per
-  forward+backward, against F.layer_norm's ~3 and ~30 us.
+* The C kernels compile in ~0.5-0.8 s once per machine (then ~10 ms to load from the cache) and
+  run at about F.layer_norm's time or less; ``python -m normlib.bench --cpu-grid`` measures them
+  against F.layer_norm and F.rms_norm for every size the CPU-path issue names.
+* On small tensors the kernel takes a few hundred nanoseconds and the rest is overhead, so the
+  per-call Python path is kept short: a Python extension (~0.3 us a call) rather than ctypes
+  (~1.1 us), no saved statistics (one allocation less), once_differentiable only when a graph of
+  the backward is being built, and no reshaping for contiguous 2-D input. PyTorch's own LayerNorm
+  call takes ~3 us there; normlib's checked, dispatched RMSNorm ~4 us.
 
 All ops here take their arguments already checked by the public op (normlib/rms_norm.py,
 normlib/layer_norm.py), support autograd (first derivatives), any leading shape and
@@ -258,13 +259,14 @@ def _fused_add_layer_norm(
     input: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, shape: tuple[int, ...], eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The C forward: ``(y, h)`` shaped like the input, and h as (rows, width) for the backward."""
-    width = math.prod(shape)
-    rows = math.prod(input.shape[: input.dim() - len(shape)])
-    x, res = _as_rows(input, rows, width), _as_rows(residual, rows, width)
-    y, h = native.add_layer_norm_forward(
-        x, res, _vector(weight, width, input.dtype), _vector(bias, width, input.dtype, missing=0.0), eps
-    )
-    if y.shape != input.shape:
+    if len(shape) == 1 and input.dim() == 2 and input.is_contiguous() and residual.is_contiguous():
+        x, res = input, residual
+    else:
+        x = _as_rows(input, math.prod(input.shape[: input.dim() - len(shape)]), math.prod(shape))
+        res = _as_rows(residual, *x.shape)
+    width, dtype = x.shape[1], x.dtype
+    y, h = native.add_layer_norm_forward(x, res, _vector(weight, width, dtype), _vector(bias, width, dtype, 0.0), eps)
+    if x is not input:
         return y.view(input.shape), h.view(input.shape), h
     return y, h, h
 

@@ -16,9 +16,11 @@
  *
  * The variance is computed from deviations, in a second walk over the row once the mean is known
  * (the row is then in the L1/L2 cache): sum(h^2)/n - mean^2 in float32 loses every digit on rows
- * such as 1e4 + N(0, 1); the mean itself is kept relative to the row's first value (see
- * statistics_*). The backward recomputes mean and rstd the same way rather than reading
- * saved ones, so the forward allocates nothing but its outputs.
+ * such as 1e4 + N(0, 1). The mean itself is kept as shift + offset, shift the row's first value
+ * and offset the mean of h_j - shift: on such rows neither the sum (which would reach 1e7) nor the
+ * mean (whose float32 ulp at 1e4 is 1e-3) is rounded at the row's magnitude, and h_j - shift is
+ * exact for nearby values. The backward recomputes the statistics the same way rather than
+ * reading saved ones, so the forward allocates nothing but its outputs.
  */
 
 #include "_kernels.h"
@@ -45,29 +47,10 @@ typedef struct {
     float eps;
 } backward_args_t;
 
+/* Walks per row (the first from memory, the rest from cache): forward 3 (h and its shifted sum;
+ * squared deviations; y), backward 3 (shifted sum; squared deviations with the two sums of the
+ * gradient; dx with this row's share of dgamma and dbeta). */
 #define DEFINE_KERNELS(T, SUFFIX)                                                                  \
-    /* The row's statistics in two walks (the second from cache), the mean as shift + offset:     \
-     * shift is the row's first value and offset the mean of h_j - shift, so that on rows of      \
-     * 1e4 + N(0, 1) neither the sum (which would reach 1e7) nor the mean (whose float32 ulp at   \
-     * 1e4 is 1e-3) is rounded at the row's magnitude; h_j - shift is exact for nearby values.    \
-     * centered_j = (h_j - shift) - offset = h_j - mean. */                                        \
-    static inline void statistics_##SUFFIX(const T *h, int64_t n, float eps, float *shift,        \
-                                           float *offset, float *rstd) {                           \
-        const float s = n > 0 ? load_##SUFFIX(h, 0) : 0.0f;                                         \
-        float sum = 0.0f;                                                                           \
-        _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < n; j++)                     \
-            sum += load_##SUFFIX(h, j) - s;                                                         \
-        const float o = sum / (float)n;                                                             \
-        float squares = 0.0f;                                                                       \
-        _Pragma("omp simd reduction(+ : squares)") for (int64_t j = 0; j < n; j++) {               \
-            const float d = (load_##SUFFIX(h, j) - s) - o;                                          \
-            squares += d * d;                                                                       \
-        }                                                                                           \
-        *shift = s;                                                                                 \
-        *offset = o;                                                                                \
-        *rstd = 1.0f / sqrtf(squares / (float)n + eps);                                             \
-    }                                                                                               \
-                                                                                                    \
     static void forward_rows_##SUFFIX(const void *p, int64_t begin, int64_t end, int thread) {    \
         (void)thread;                                                                               \
         const forward_args_t *a = (const forward_args_t *)p;                                      \
@@ -76,14 +59,63 @@ typedef struct {
         for (int64_t row = begin; row < end; row++) {                                               \
             const T *x = (const T *)a->x + row * n, *res = (const T *)a->residual + row * n;        \
             T *h = (T *)a->h + row * n, *y = (T *)a->y + row * n;                                   \
-            /* h is rounded to the storage type before its statistics, as in the unfused pair */   \
-            _Pragma("omp simd") for (int64_t j = 0; j < n; j++)                                    \
+            if (n == 0) continue;                                                                   \
+            /* h is rounded to the storage type before its statistics, as in the unfused pair;    \
+             * the mean is kept as shift + offset (see the comment at the top) */                  \
+            store_##SUFFIX(h, 0, load_##SUFFIX(x, 0) + load_##SUFFIX(res, 0));                      \
+            const float shift = load_##SUFFIX(h, 0);                                                \
+            float sum = 0.0f;                                                                       \
+            _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < n; j++) {               \
                 store_##SUFFIX(h, j, load_##SUFFIX(x, j) + load_##SUFFIX(res, j));                  \
-            float shift, offset, rstd;                                                              \
-            statistics_##SUFFIX(h, n, a->eps, &shift, &offset, &rstd);                              \
+                sum += load_##SUFFIX(h, j) - shift;                                                 \
+            }                                                                                       \
+            const float offset = sum / (float)n;                                                    \
+            float squares = 0.0f;                                                                   \
+            _Pragma("omp simd reduction(+ : squares)") for (int64_t j = 0; j < n; j++) {           \
+                const float d = (load_##SUFFIX(h, j) - shift) - offset;                             \
+                squares += d * d;                                                                   \
+            }                                                                                       \
+            const float rstd = 1.0f / sqrtf(squares / (float)n + a->eps);                           \
             _Pragma("omp simd") for (int64_t j = 0; j < n; j++)                                    \
                 store_##SUFFIX(y, j, ((load_##SUFFIX(h, j) - shift) - offset) * rstd               \
                                          * load_##SUFFIX(gamma, j) + load_##SUFFIX(beta, j));       \
+        }                                                                                           \
+    }                                                                                               \
+                                                                                                    \
+    /* One row of the backward. The flags are constants at every call site, so the compiler      \
+     * emits one branch-free vectorized loop per combination. */                                  \
+    static inline __attribute__((always_inline)) void backward_row_##SUFFIX(                      \
+        const T *h, const T *dy, const T *dh, const T *gamma, T *dx, float *dgamma, float *dbeta, \
+        int64_t n, float eps, const int has_dh, const int has_dx, const int has_dparams) {        \
+        if (n == 0) return;                                                                         \
+        const float shift = load_##SUFFIX(h, 0);                                                    \
+        float sum = 0.0f;                                                                           \
+        _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < n; j++)                     \
+            sum += load_##SUFFIX(h, j) - shift;                                                     \
+        const float offset = sum / (float)n;                                                        \
+        float squares = 0.0f, sum_wdy = 0.0f, sum_d_wdy = 0.0f;                                     \
+        _Pragma("omp simd reduction(+ : squares, sum_wdy, sum_d_wdy)")                             \
+        for (int64_t j = 0; j < n; j++) {                                                           \
+            const float d = (load_##SUFFIX(h, j) - shift) - offset;                                 \
+            const float wdy = load_##SUFFIX(gamma, j) * load_##SUFFIX(dy, j);                       \
+            squares += d * d;                                                                       \
+            sum_wdy += wdy;                                                                         \
+            sum_d_wdy += d * wdy;                                                                   \
+        }                                                                                           \
+        const float rstd = 1.0f / sqrtf(squares / (float)n + eps);                                  \
+        const float c1 = sum_wdy / (float)n, c2 = rstd * sum_d_wdy / (float)n;                      \
+        _Pragma("omp simd") for (int64_t j = 0; j < n; j++) {                                      \
+            const float xhat = ((load_##SUFFIX(h, j) - shift) - offset) * rstd;                    \
+            const float g = load_##SUFFIX(dy, j);                                                   \
+            if (has_dparams) {                                                                      \
+                dgamma[j] += g * xhat;                                                              \
+                dbeta[j] += g;                                                                      \
+            }                                                                                       \
+            if (has_dx) {                                                                           \
+                float v = rstd * (load_##SUFFIX(gamma, j) * g - c1 - xhat * c2);                    \
+                if (has_dh) v += load_##SUFFIX(dh, j);                                              \
+                store_##SUFFIX(dx, j, v);                                                           \
+            }                                                                                       \
         }                                                                                           \
     }                                                                                               \
                                                                                                     \
@@ -95,38 +127,18 @@ typedef struct {
         float *dbeta = dgamma ? dgamma + n : NULL;                                                  \
         for (int64_t row = begin; row < end; row++) {                                               \
             const T *h = (const T *)a->h + row * n, *dy = (const T *)a->dy + row * n;               \
-            float shift, offset, rstd;                                                              \
-            statistics_##SUFFIX(h, n, a->eps, &shift, &offset, &rstd);                              \
-            float sum_wdy = 0.0f, sum_xhat_wdy = 0.0f;                                              \
-            _Pragma("omp simd reduction(+ : sum_wdy, sum_xhat_wdy)") for (int64_t j = 0; j < n; j++) { \
-                const float wdy = load_##SUFFIX(gamma, j) * load_##SUFFIX(dy, j);                   \
-                sum_wdy += wdy;                                                                     \
-                sum_xhat_wdy += ((load_##SUFFIX(h, j) - shift) - offset) * rstd * wdy;                          \
-            }                                                                                       \
-            const float c1 = sum_wdy / (float)n, c2 = sum_xhat_wdy / (float)n;                      \
-            if (dgamma) {                                                                           \
-                _Pragma("omp simd") for (int64_t j = 0; j < n; j++) {                              \
-                    const float d = load_##SUFFIX(dy, j);                                           \
-                    dgamma[j] += d * ((load_##SUFFIX(h, j) - shift) - offset) * rstd;                           \
-                    dbeta[j] += d;                                                                  \
-                }                                                                                   \
-            }                                                                                       \
-            if (!a->dx) continue;                                                                   \
-            T *dx = (T *)a->dx + row * n;                                                           \
-            if (a->dh) {                                                                            \
-                const T *dh = (const T *)a->dh + row * n;                                           \
-                _Pragma("omp simd") for (int64_t j = 0; j < n; j++) {                              \
-                    const float xhat = ((load_##SUFFIX(h, j) - shift) - offset) * rstd;                         \
-                    const float wdy = load_##SUFFIX(gamma, j) * load_##SUFFIX(dy, j);               \
-                    store_##SUFFIX(dx, j, rstd * (wdy - c1 - xhat * c2) + load_##SUFFIX(dh, j));    \
-                }                                                                                   \
-            } else {                                                                                \
-                _Pragma("omp simd") for (int64_t j = 0; j < n; j++) {                              \
-                    const float xhat = ((load_##SUFFIX(h, j) - shift) - offset) * rstd;                         \
-                    const float wdy = load_##SUFFIX(gamma, j) * load_##SUFFIX(dy, j);               \
-                    store_##SUFFIX(dx, j, rstd * (wdy - c1 - xhat * c2));                           \
-                }                                                                                   \
-            }                                                                                       \
+            const T *dh = a->dh ? (const T *)a->dh + row * n : NULL;                                \
+            T *dx = a->dx ? (T *)a->dx + row * n : NULL;                                            \
+            if (dx && dh && dgamma)                                                                 \
+                backward_row_##SUFFIX(h, dy, dh, gamma, dx, dgamma, dbeta, n, a->eps, 1, 1, 1);     \
+            else if (dx && dh)                                                                      \
+                backward_row_##SUFFIX(h, dy, dh, gamma, dx, dgamma, dbeta, n, a->eps, 1, 1, 0);     \
+            else if (dx && dgamma)                                                                  \
+                backward_row_##SUFFIX(h, dy, dh, gamma, dx, dgamma, dbeta, n, a->eps, 0, 1, 1);     \
+            else if (dx)                                                                            \
+                backward_row_##SUFFIX(h, dy, dh, gamma, dx, dgamma, dbeta, n, a->eps, 0, 1, 0);     \
+            else if (dgamma)                                                                        \
+                backward_row_##SUFFIX(h, dy, dh, gamma, dx, dgamma, dbeta, n, a->eps, 0, 0, 1);     \
         }                                                                                           \
     }
 

@@ -56,17 +56,21 @@ typedef struct {
         for (int64_t row = begin; row < end; row++) {                                               \
             const T *x = (const T *)a->x + row * n;                                                 \
             T *y = (T *)a->y + row * n;                                                             \
+            float sum_squares = 0.0f;                                                               \
             if (a->residual) { /* h is rounded to the storage type before its statistics */        \
                 const T *res = (const T *)a->residual + row * n;                                   \
                 T *h = (T *)a->h + row * n;                                                         \
-                _Pragma("omp simd") for (int64_t j = 0; j < n; j++)                                \
+                _Pragma("omp simd reduction(+ : sum_squares)") for (int64_t j = 0; j < n; j++) {   \
                     store_##SUFFIX(h, j, load_##SUFFIX(x, j) + load_##SUFFIX(res, j));              \
+                    const float v = load_##SUFFIX(h, j);                                            \
+                    sum_squares += v * v;                                                           \
+                }                                                                                   \
                 x = h;                                                                              \
-            }                                                                                       \
-            float sum_squares = 0.0f;                                                               \
-            _Pragma("omp simd reduction(+ : sum_squares)") for (int64_t j = 0; j < n; j++) {       \
-                float v = load_##SUFFIX(x, j);                                                      \
-                sum_squares += v * v;                                                               \
+            } else {                                                                                \
+                _Pragma("omp simd reduction(+ : sum_squares)") for (int64_t j = 0; j < n; j++) {   \
+                    const float v = load_##SUFFIX(x, j);                                            \
+                    sum_squares += v * v;                                                           \
+                }                                                                                   \
             }                                                                                       \
             float rstd = 1.0f / sqrtf(sum_squares / (float)n + a->eps);                             \
             _Pragma("omp simd") for (int64_t j = 0; j < n; j++)                                    \
