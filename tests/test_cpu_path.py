@@ -340,12 +340,15 @@ def test_build_in_a_fresh_cache(tmp_path):
         "x = torch.randn(64, 256)\n"
         "start = time.perf_counter(); normlib.rms_norm(x, 256, backend='cpu'); first = time.perf_counter() - start\n"
         "assert native.unavailable_reason() is None, native.unavailable_reason()\n"
+        "normlib.add_layer_norm(x, x, 256, backend='cpu')\n"
+        "assert native.unavailable_reason('layer_norm') is None, native.unavailable_reason('layer_norm')\n"
         "print(first)\n"
     )
     env = dict(os.environ, NORMLIB_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert list(tmp_path.glob("rms_norm_*.so")), "no library was written to the cache"
+    for name in native.KERNELS:
+        assert list(tmp_path.glob(f"{name}_*.so")), f"no {name} library was written to the cache"
 
 
 def test_direct_call_with_eps_none_uses_torchs_default_for_half_inputs():
