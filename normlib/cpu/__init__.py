@@ -26,7 +26,7 @@ How the means were chosen, by measurement on the course machine (2 cores, torch 
   temporaries but still make one pass per op: about twice F.layer_norm's time.
 * torch.compile brings RMSNorm near LayerNorm but compiles for ~21 s in a fresh process; numba
   needed 3-4 s per kernel and had no bfloat16. A first call may stall a notebook ~2 s at most.
-* The C kernels compile in ~0.5-0.8 s once per machine (then ~10 ms to load from the cache) and
+* The C kernels compile in ~0.7-1.2 s once per machine (then ~10 ms to load from the cache) and
   run at about F.layer_norm's time or less; ``python -m normlib.bench --cpu-grid`` measures them
   against F.layer_norm and F.rms_norm for every size the CPU-path issue names.
 * On small tensors the kernel takes a few hundred nanoseconds and the rest is overhead, so the
