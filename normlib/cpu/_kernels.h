@@ -194,6 +194,28 @@ static int convert(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected,
 #define POINTER(v) ((void *)(intptr_t)(v))
 
 
+/* A backward's driver: `count` per-thread float32 sums of n values each (the parameter gradients)
+ * are zero-filled in *parts when outputs[0] is given, fn runs over the rows, and each sum is then
+ * written to outputs[k] in the storage type. Returns the number of threads used, or NULL with
+ * MemoryError. */
+static PyObject *run_with_sums(rows_fn fn, const void *args, float **parts, long storage,
+                               void *const *outputs, int count, int64_t rows, int64_t n, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    *parts = NULL;
+    if (outputs[0] && n > 0) {
+        *parts = (float *)calloc((size_t)threads * (size_t)count * (size_t)n, sizeof(float));
+        if (!*parts) return PyErr_NoMemory();
+    }
+    const int used = run(fn, args, rows, n, threads);
+    if (*parts) {
+        for (int k = 0; k < count; k++) store_sums(storage, outputs[k], *parts + k * n, used, n, count * n);
+        free(*parts);
+        *parts = NULL;
+    }
+    return PyLong_FromLong(used);
+}
+
 static PyObject *py_threading(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
 #ifdef _OPENMP

@@ -170,26 +170,12 @@ static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     int64_t v[12];
     double eps = 0.0;
     if (convert(args, nargs, 12, 10, "backward", v, &eps) < 0) return NULL;
-    const int64_t rows = v[8], n = v[9];
-    int threads = (int)v[11];
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    float *parts = NULL;
-    if (v[6] && n > 0) {
-        parts = (float *)calloc((size_t)threads * 2 * (size_t)n, sizeof(float));
-        if (!parts) return PyErr_NoMemory();
-    }
     backward_args_t a = {POINTER(v[1]), POINTER(v[2]), POINTER(v[3]), POINTER(v[4]),
-                         POINTER(v[5]), parts, n, (float)eps};
+                         POINTER(v[5]), NULL, v[9], (float)eps};
     const long storage = (long)v[0];
     rows_fn fn = pick(storage, backward_rows_f32, backward_rows_bf16, backward_rows_f16);
-    const int used = run(fn, &a, rows, n, threads);
-    if (parts) {
-        store_sums(storage, POINTER(v[6]), parts, used, n, 2 * n);
-        store_sums(storage, POINTER(v[7]), parts + n, used, n, 2 * n);
-        free(parts);
-    }
-    return PyLong_FromLong(used);
+    void *const outputs[2] = {POINTER(v[6]), POINTER(v[7])};
+    return run_with_sums(fn, &a, &a.parts, storage, outputs, 2, v[8], v[9], (int)v[11]);
 }
 
 static PyMethodDef methods[] = {
@@ -200,6 +186,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_layer_norm", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_layer_norm", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__layer_norm(void) { return PyModule_Create(&module); }

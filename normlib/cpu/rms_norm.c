@@ -158,25 +158,12 @@ static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     int64_t v[11];
     double eps = 0.0;
     if (convert(args, nargs, 11, 9, "backward", v, &eps) < 0) return NULL;
-    const int64_t rows = v[7], n = v[8];
-    int threads = (int)v[10];
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    float *parts = NULL;
-    if (v[6] && n > 0) {
-        parts = (float *)calloc((size_t)threads * (size_t)n, sizeof(float));
-        if (!parts) return PyErr_NoMemory();
-    }
     backward_args_t a = {POINTER(v[1]), POINTER(v[2]), POINTER(v[3]), POINTER(v[4]),
-                         POINTER(v[5]), parts, n, (float)eps};
+                         POINTER(v[5]), NULL, v[8], (float)eps};
     const long storage = (long)v[0];
     rows_fn fn = pick(storage, backward_rows_f32, backward_rows_bf16, backward_rows_f16);
-    const int used = run(fn, &a, rows, n, threads);
-    if (parts) {
-        store_sums(storage, POINTER(v[6]), parts, used, n, n);
-        free(parts);
-    }
-    return PyLong_FromLong(used);
+    void *const outputs[1] = {POINTER(v[6])};
+    return run_with_sums(fn, &a, &a.dgamma_parts, storage, outputs, 1, v[7], v[8], (int)v[10]);
 }
 
 static PyMethodDef methods[] = {
@@ -187,6 +174,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rms_norm", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rms_norm", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__rms_norm(void) { return PyModule_Create(&module); }
