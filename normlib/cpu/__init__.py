@@ -121,8 +121,7 @@ def _rms_forward(
         x = _as_rows(input, math.prod(input.shape[: input.dim() - len(shape)]), math.prod(shape))
         res, flat = _as_rows(residual, *x.shape), True
     if (weight is None or weight.dtype == dtype) and native.supports(dtype):
-        gamma = weight if weight is not None and weight.dim() == 1 and weight.is_contiguous() else _vector(weight, x.shape[1], dtype)
-        y, h = native.rms_norm_forward(x, res, gamma, eps)
+        y, h = native.rms_norm_forward(x, res, _vector(weight, x.shape[1], dtype), eps)
         rstd = None
     else:
         y, h, rstd = blocked.forward(x, res, weight, eps)
