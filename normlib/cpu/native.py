@@ -190,6 +190,18 @@ def _threads(elements: int, dtype: torch.dtype) -> int:
 # The functions below run only after supports(dtype, name) said yes, so the module is loaded.
 
 
+def rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
+    """y = rms_norm(x) for contiguous (rows, n) x and (n,) gamma of x's dtype: the common case,
+    with nothing else to do (on one row, every line of Python costs a few percent of the op)."""
+    rows, n = x.shape
+    y = torch.empty_like(x)
+    _loaded["rms_norm"].forward(
+        STORAGE_CODES[x.dtype], x.data_ptr(), 0, 0, gamma.data_ptr(), y.data_ptr(), rows, n, eps,
+        _threads(rows * n, x.dtype),
+    )
+    return y
+
+
 def rms_norm_forward(
     x: Tensor,  # (rows, n) contiguous, float32/bfloat16/float16
     residual: Tensor | None,  # (rows, n) contiguous, x's dtype, or None
