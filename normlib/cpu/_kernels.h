@@ -87,6 +87,17 @@ static void store_sums(long storage, void *out, const float *parts, int threads,
 #endif
 }
 
+/* Each .c file writes DEFINE_KERNELS(T, SUFFIX) once and instantiates it per storage type with
+ * INSTANTIATE_KERNELS(DEFINE_KERNELS); without _Float16 the f16 entries fall back to the f32 ones,
+ * which are never picked (Python checks has_float16()). */
+#if HAVE_FLOAT16
+#define INSTANTIATE_KERNELS(DEFINE) DEFINE(float, f32) DEFINE(bf16_t, bf16) DEFINE(_Float16, f16)
+#else
+#define INSTANTIATE_KERNELS(DEFINE) DEFINE(float, f32) DEFINE(bf16_t, bf16)
+#define forward_rows_f16 forward_rows_f32
+#define backward_rows_f16 backward_rows_f32
+#endif
+
 /* ---- threads ---------------------------------------------------------------------------------- */
 
 typedef void (*rows_fn)(const void *args, int64_t row_begin, int64_t row_end, int thread);
@@ -229,5 +240,21 @@ static PyObject *py_has_float16(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
     return PyBool_FromLong(HAVE_FLOAT16);
 }
+
+/* The module `NAME` with the functions forward and backward (METH_FASTCALL) that each .c file
+ * defines, and has_float16 and threading from above; WHAT names the op in their docstrings. */
+#define DEFINE_MODULE(NAME, WHAT)                                                                  \
+    static PyMethodDef methods[] = {                                                               \
+        {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL,                        \
+         WHAT " forward on raw pointers."},                                                        \
+        {"backward", (PyCFunction)(void (*)(void))py_backward, METH_FASTCALL,                      \
+         WHAT " backward on raw pointers."},                                                       \
+        {"has_float16", py_has_float16, METH_NOARGS, "Whether this build stores float16."},       \
+        {"threading", py_threading, METH_NOARGS, "'openmp' (PyTorch's threads) or 'pthreads'."},  \
+        {NULL, NULL, 0, NULL},                                                                     \
+    };                                                                                             \
+    static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, #NAME, NULL, -1, methods,         \
+                                        NULL, NULL, NULL, NULL};                                   \
+    PyMODINIT_FUNC PyInit_##NAME(void) { return PyModule_Create(&module); }
 
 #endif /* NORMLIB_KERNELS_H */

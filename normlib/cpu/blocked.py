@@ -1,7 +1,7 @@
 """The fallback CPU path in plain PyTorch: RMSNorm processed in blocks of rows that stay in cache.
 
-Used where the fused C kernels (``rms_norm.c``) cannot run: no C compiler, float64 inputs, or a
-weight whose dtype differs from the input's. It is slower than the C kernels (each step below is a
+Used where the fused C kernels (``rms_norm.c``) cannot run: no C compiler or Python headers,
+float64 inputs, or a weight whose dtype differs from the input's. It is slower than the C kernels (each step below is a
 separate pass over the block) but, unlike ``torch.nn.functional.rms_norm``, it allocates no
 full-size temporaries: every intermediate lives in a block-sized scratch buffer reused from block to
 block, and the only full-size allocations are the outputs. Measured on the course machine

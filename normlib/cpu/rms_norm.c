@@ -130,14 +130,7 @@ typedef struct {
         }                                                                                           \
     }
 
-DEFINE_KERNELS(float, f32)
-DEFINE_KERNELS(bf16_t, bf16)
-#if HAVE_FLOAT16
-DEFINE_KERNELS(_Float16, f16)
-#else
-#define forward_rows_f16 forward_rows_f32 /* never picked: Python checks has_float16() */
-#define backward_rows_f16 backward_rows_f32
-#endif
+INSTANTIATE_KERNELS(DEFINE_KERNELS)
 
 /* forward(storage, x, residual, h, gamma, y, rows, n, eps, threads) -> threads used */
 static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -166,14 +159,4 @@ static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     return run_with_sums(fn, &a, &a.dgamma_parts, storage, outputs, 1, v[7], v[8], (int)v[10]);
 }
 
-static PyMethodDef methods[] = {
-    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "RMSNorm forward on raw pointers."},
-    {"backward", (PyCFunction)(void (*)(void))py_backward, METH_FASTCALL, "RMSNorm backward on raw pointers."},
-    {"has_float16", py_has_float16, METH_NOARGS, "Whether this build stores float16."},
-    {"threading", py_threading, METH_NOARGS, "'openmp' (PyTorch's threads) or 'pthreads'."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rms_norm", NULL, -1, methods, NULL, NULL, NULL, NULL};
-
-PyMODINIT_FUNC PyInit__rms_norm(void) { return PyModule_Create(&module); }
+DEFINE_MODULE(_rms_norm, "RMSNorm")
