@@ -47,7 +47,7 @@ REQUIRED_CLAIMS = {
 
 VERDICTS = {"right", "partly right", "wrong", "out of date"}
 
-TARGET_LINE = re.compile(r"^\((?P<label>(?:claim|term)-[a-z0-9-]+)\)=\s*$", re.MULTILINE)
+TARGET_LINE = re.compile(r"^\((?P<label>(?:claim|term|check)-[a-z0-9-]+)\)=\s*$", re.MULTILINE)
 REF = re.compile(r"\{ref\}`(?P<body>[^`]+)`")
 DOC = re.compile(r"\{doc\}`(?:[^`<]*<)?(?P<path>[^`>]+)>?`")
 CITE = re.compile(r"\{cite(?::[a-z]+)?\}`(?P<keys>[^`]+)`")
