@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup book test notebooks clean
+.PHONY: setup book test test-other-fp notebooks clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ test: $(STAMP)
 	@echo
 	@echo "The notebooks again, on another floating-point path: $(OTHER_FP_PATH)"
 	$(OTHER_FP_PATH) $(BIN)/python -m pytest chapters $(NBVAL)
+
+# One notebook (or all) on the other floating-point path only: make test-other-fp NB=chapters/05_rms_norm.ipynb
+NB ?= chapters
+test-other-fp: $(STAMP)
+	$(OTHER_FP_PATH) $(BIN)/python -m pytest $(NB) $(NBVAL)
 
 # Re-execute every chapter in place (after changing one): the outputs nbval compares against.
 notebooks: $(STAMP)
