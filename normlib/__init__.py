@@ -29,7 +29,7 @@ from normlib.layer_norm import LayerNorm, LayerNorm2d, add_layer_norm, layer_nor
 from normlib.rms_norm import RMSNorm, add_rms_norm, rms_norm
 from normlib.distributed import SyncBatchNorm, convert_sync_batchnorm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "available_backends",

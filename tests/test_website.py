@@ -217,6 +217,16 @@ def test_launch_buttons_open_this_repository_notebook(browser, site):
         visit.page.close()
 
 
+def test_every_page_footer_names_the_licenses_and_the_build(browser, site):
+    for name in ("intro", "chapters/05_rms_norm"):
+        visit = PageVisit(browser, site, f"{name}.html")
+        footer = visit.page.locator("footer .site-license")
+        assert footer.count() == 1, f"{name}: no license line in the footer"
+        text = footer.inner_text()
+        assert "CC BY 4.0" in text and "MIT" in text and "commit" in text, f"{name}: footer says {text!r}"
+        visit.page.close()
+
+
 def test_screenshots_of_intro_and_a_chapter(browser, site):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for name, path in (("intro", "intro.html"), ("chapter", "chapters/02_batch_norm.html")):
