@@ -10,6 +10,14 @@ cache; torch.compile needs ~21 s and numba 3-4 s per kernel for the same job, bo
 notebook's first call may stall. Without a C compiler or Python's C headers, :func:`extension`
 returns None with a reason, and the callers use the pure-PyTorch fallbacks.
 
+Where. Anyone can compute the cache key, and loading a library runs its code in this process, so
+libraries are loaded and built only in a directory of the user's own that nobody else can write:
+the cache directory (``NORMLIB_CACHE_DIR``, else ``~/.cache/normlib``), else, where that cannot be
+written or is refused, ``<tempdir>/normlib-<uid>``, created with mode 0700. Only files of the
+user's own that nobody else can write are loaded; any other file, and a library that does not load
+(empty, truncated, for another CPU), is rebuilt once, atomically. With no usable directory the
+pure-PyTorch fallbacks run, and a warning says which directory was refused and why.
+
 Threads. With OpenMP, the kernels run in PyTorch's own thread pool: the extension is linked
 against the very OpenMP runtime file PyTorch has loaded (found in /proc/self/maps), so the
 dynamic loader hands it the copy already in memory instead of a second runtime whose threads
@@ -19,16 +27,21 @@ call. The GIL is released while large tensors are processed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
 import os
 import platform
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -74,6 +87,13 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _library_dirs() -> tuple[Path, Path]:
+    """Where libraries are loaded from and built, in order: the cache directory, then a private
+    directory in the temporary directory, for a cache that cannot be written (a read-only home)
+    or that :func:`_why_unsafe` refuses."""
+    return _cache_dir(), Path(tempfile.gettempdir()) / f"normlib-{os.getuid()}"
+
+
 def torch_openmp_runtime() -> str | None:
     """The path of the GNU OpenMP runtime (libgomp) this process has loaded with PyTorch, or None."""
     try:
@@ -87,10 +107,86 @@ def torch_openmp_runtime() -> str | None:
     return None
 
 
+# A library is executed inside this process as soon as it is loaded, so it is loaded only from where
+# no other user could have put it: a directory of this user's own that nobody else can write,
+# reached through directories that belong to this user or to root (who can write anywhere anyway)
+# and that nobody else can write either, or that are sticky (/tmp): there others may add entries
+# but can neither rename nor remove ours. Group-writable counts as writable by others, since normlib
+# cannot tell who is in the group. The rule holds for root too: a directory of mode 0777, or one
+# owned by another uid, is refused.
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+_ADVICE = "Set NORMLIB_CACHE_DIR to a directory of your own that only you can write (chmod go-w)."
+
+
+def _why_unsafe(directory: Path) -> str | None:
+    """Why the existing ``directory`` must not hold libraries this process loads, or None if it may."""
+    uid = os.getuid()
+    leaf = Path(os.path.realpath(directory))
+    # The directories as named (whoever can write one could swap a link in it) and as resolved.
+    for path in dict.fromkeys([leaf, *leaf.parents, *Path(os.path.abspath(directory)).parents]):
+        info = os.stat(path)
+        mode = f"mode {stat.S_IMODE(info.st_mode):o}"
+        if path == leaf and not stat.S_ISDIR(info.st_mode):
+            return f"{path} is not a directory"
+        if path == leaf and info.st_uid != uid:
+            return f"{path} belongs to uid {info.st_uid}, not to this user (uid {uid})"
+        if path == leaf and info.st_mode & _WRITABLE_BY_OTHERS:
+            return f"{path} is writable by other users ({mode})"
+        if info.st_uid not in (uid, 0):
+            return f"{path}, above {leaf}, belongs to uid {info.st_uid}"
+        if info.st_mode & _WRITABLE_BY_OTHERS and not info.st_mode & stat.S_ISVTX:
+            return f"{path}, above {leaf}, is writable by other users ({mode}, not sticky)"
+    return None
+
+
+def _make_private_dirs(directory: Path) -> None:
+    """Creates ``directory`` and its missing parents, each with mode 0700; raises OSError."""
+    missing = []
+    path = Path(os.path.abspath(directory))
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass  # created meanwhile by someone else: _why_unsafe judges it like any existing one
+
+
+def _is_own_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a link) of this user's that nobody else can write."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & _WRITABLE_BY_OTHERS
+
+
+def _is_whole_library(path: Path) -> bool:
+    """Whether ``path`` is an ELF file as long as its headers say. A truncated library can pass
+    dlopen and then crash the process (SIGBUS) when a page past the end of the file is touched."""
+    data = path.read_bytes()
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return False
+    wide, order = data[4] == 2, "<" if data[5] == 1 else ">"  # EI_CLASS 2: 64-bit; EI_DATA 1: little-endian
+    word = order + ("Q" if wide else "I")
+    # The ELF header's e_phoff and e_shoff, then (after e_flags and e_ehsize) the tables' entry sizes and counts
+    phoff, shoff = struct.unpack_from(order + ("QQ" if wide else "II"), data, 0x20 if wide else 0x1C)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", data, 0x36 if wide else 0x2A)
+    if phentsize < (0x38 if wide else 0x20) or phoff + phentsize * phnum > len(data):
+        return False
+    ends = [shoff + shentsize * shnum]
+    for header in range(phoff, phoff + phentsize * phnum, phentsize):
+        # p_offset and p_filesz: the bytes a segment maps from the file
+        offset = struct.unpack_from(word, data, header + (0x08 if wide else 0x04))[0]
+        size = struct.unpack_from(word, data, header + (0x20 if wide else 0x10))[0]
+        ends.append(offset + size)
+    return max(ends) <= len(data)
+
+
 def _compile(compiler: str, source: Path, include: str, openmp_runtime: str | None, target: Path) -> None:
     """Compiles into a temporary file first, then renames: concurrent processes never load a
     half-written library. Tries the OpenMP build first, then the pthreads one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     common = [*FLAGS, f"-I{include}", f"-I{SOURCE_DIR}"]
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial, obj = Path(scratch) / target.name, Path(scratch) / f"{source.stem}.o"
@@ -104,6 +200,7 @@ def _compile(compiler: str, source: Path, include: str, openmp_runtime: str | No
             run([compiler, "-shared", str(obj), openmp_runtime, "-o", str(partial), "-lm"])
         except subprocess.CalledProcessError:
             run([compiler, *common, *PTHREAD_FLAGS, "-shared", str(source), "-o", str(partial), "-lm"])
+        os.chmod(partial, 0o755)  # the linker honours the umask; a group-writable file would be refused
         os.replace(partial, target)
 
 
@@ -115,10 +212,31 @@ def _import(name: str, path: Path) -> ModuleType:
     return module
 
 
+def _load_or_build(name: str, target: Path, build: Callable[[Path], None]) -> ModuleType:
+    """Imports the library ``target``, building it first where there is none, where the file is
+    not this user's own or where it is truncated. One that does not load (empty, for another CPU)
+    is rebuilt once; if the rebuilt one fails too, the ImportError propagates."""
+    if _is_own_file(target) and _is_whole_library(target):
+        try:
+            return _import(name, target)
+        except ImportError:
+            pass
+    build(target)
+    return _import(name, target)
+
+
 _why_unavailable: dict[str, str] = {}
 # The loaded modules by name, for the per-call paths below: a dict lookup costs a third of a
 # call through functools.cache, and on small tensors the whole op takes a few microseconds.
 _loaded: dict[str, ModuleType] = {}
+_warned = False  # refused directories are reported once per process, not once per kernel
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @cache
@@ -139,6 +257,8 @@ def extension(name: str = "rms_norm") -> ModuleType | None:
             f"install them, e.g. apt install python3-dev"
         )
         return None
+    passed_over: list[str] = []  # why each directory tried before was not used
+    refused = False  # one others could write: a warning says so (a read-only cache needs no word)
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         openmp_runtime = torch_openmp_runtime()
@@ -148,21 +268,32 @@ def extension(name: str = "rms_norm") -> ModuleType | None:
                 version, _cpu_signature(), sys.version, include, str(openmp_runtime),
             ]).encode()
         ).hexdigest()[:16]
-        file_name = f"{name}_{key}.so"
-        target = _cache_dir() / file_name
-        if not target.exists():
+        build = functools.partial(_compile, compiler, source, include, openmp_runtime)
+        for directory in _library_dirs():
             try:
-                _compile(compiler, source, include, openmp_runtime, target)
-            except PermissionError:  # a read-only home: build per user in the temporary directory
-                target = Path(tempfile.gettempdir()) / f"normlib-{os.getuid()}" / file_name
-                if not target.exists():
-                    _compile(compiler, source, include, openmp_runtime, target)
-        module = _loaded[name] = _import(name, target)
-        return module
+                _make_private_dirs(directory)
+                why_unsafe = _why_unsafe(directory)
+                if why_unsafe is not None:
+                    passed_over.append(why_unsafe)
+                    refused = True
+                    continue
+                module = _loaded[name] = _load_or_build(name, directory / f"{name}_{key}.so", build)
+            except OSError as error:
+                passed_over.append(f"{directory} cannot be used ({error.strerror or error})")
+                continue
+            if refused:
+                _warn_once(f"normlib keeps its C kernels in {directory}, since {'; '.join(passed_over)}. {_ADVICE}")
+            return module
     except (OSError, ImportError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         _why_unavailable[name] = f"building {source.name} failed: {detail.strip()[:500]}"
         return None
+    _why_unavailable[name] = (
+        f"no directory to build the C kernels in could be used: {'; '.join(passed_over)}. {_ADVICE}"
+    )
+    if refused:
+        _warn_once(f"normlib uses its plain-PyTorch CPU path: {_why_unavailable[name]}")
+    return None
 
 
 def unavailable_reason(name: str = "rms_norm") -> str | None:
