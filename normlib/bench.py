@@ -470,11 +470,15 @@ def case_results(case: Case, times: dict[str, float], peak_gbps: Optional[float]
 
 
 def format_seconds(seconds: float) -> str:
-    """A time with a unit and three significant digits, e.g. ``12.3 µs``."""
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
+    """A time with a unit and three significant digits, e.g. ``12.3 µs``.
+
+    The unit is chosen after rounding, so 999.7 µs prints as ``1 ms``, never as ``1e+03 µs``.
+    """
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        value = float(f"{seconds / scale:.3g}")
+        if value >= 1 or unit == "ns":
+            return f"{value:.3g} {unit}"
+    raise AssertionError("unreachable: the loop ends with ns")
 
 
 TABLE_COLUMNS = ("op", "dtype", "hidden", "rows", "mode", "implementation", "time", "bandwidth", "of peak",

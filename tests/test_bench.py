@@ -242,3 +242,13 @@ def test_a_slow_first_call_does_not_pass_for_the_step_time():
 
     bench.time_interleaved({"step": step}, repeats=None)
     assert len(calls) >= bench.WARMUP_CALLS + 100  # measured on the warm calls: many repeats
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(2.5, "2.5 s"), (0.0123, "12.3 ms"), (9.997e-4, "1 ms"), (999.4e-6, "999 µs"), (3e-6, "3 µs"),
+     (9.9996e-7, "1 µs"), (4.2e-9, "4.2 ns"), (0.0, "0 ns")],
+)
+def test_format_seconds_picks_the_unit_after_rounding(seconds, text):
+    # "1e+03 µs" would escape the notebooks' sanitize pattern for timings
+    assert bench.format_seconds(seconds) == text
