@@ -46,6 +46,7 @@ REQUIRED_CLAIMS = {
     "004-rmsnorm-formula": "RMSNorm is x / (RMS(x) + eps) with a learned shift",
     "004-no-torch-rmsnorm": "PyTorch has no built-in RMSNorm",
     "004-cost-table": "cost: BatchNorm medium, LayerNorm large, RMSNorm small",
+    "004-rmsnorm-more-stable": "RMSNorm is more stable",
     "004-ln-in-cnns": "LayerNorm has little effect in CNNs",
     "004-bn-regularization": "BatchNorm regularizes, LayerNorm and RMSNorm do not",
 }
