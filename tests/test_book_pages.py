@@ -48,6 +48,7 @@ REQUIRED_CLAIMS = {
     "004-cost-table": "cost: BatchNorm medium, LayerNorm large, RMSNorm small",
     "004-rmsnorm-more-stable": "RMSNorm is more stable",
     "004-ln-in-cnns": "LayerNorm has little effect in CNNs",
+    "004-ln-suits-rnns": "BatchNorm suits CNNs, LayerNorm suits RNNs",
     "004-bn-regularization": "BatchNorm regularizes, LayerNorm and RMSNorm do not",
 }
 

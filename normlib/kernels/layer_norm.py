@@ -11,16 +11,16 @@ In this file you will find
 * the glue: a ``torch.library`` custom op with a fake (shape-only) implementation and an autograd
   formula, so the kernels run in eager mode and inside ``torch.compile``.
 
-The math, for one row :math:`x \\in \\mathbb{R}^N` (Ba et al., 2016)::
+The math, for one row :math:`x \\in \\mathbb{R}^C` (Ba et al., 2016)::
 
-    mean = sum(x) / N
-    var  = sum((x - mean)^2) / N          biased, as in torch.nn.LayerNorm
+    mean = sum(x) / C
+    var  = sum((x - mean)^2) / C          biased, as in torch.nn.LayerNorm
     rstd = 1 / sqrt(var + eps)
     x_hat = (x - mean) * rstd
     y = x_hat * w + b
 
-Backward, with ``wdy = w * dy`` and the two row sums ``c1 = sum(x_hat * wdy) / N`` and
-``c2 = sum(wdy) / N``::
+Backward, with ``wdy = w * dy`` and the two row sums ``c1 = sum(x_hat * wdy) / C`` and
+``c2 = sum(wdy) / C``::
 
     dx = (wdy - (x_hat * c1 + c2)) * rstd
     dw = sum over rows of dy * x_hat
@@ -84,7 +84,7 @@ def _layer_norm_fwd_kernel(
     RSTD,  # pointer to the per-row 1/std (n_rows,), fp32, kept for the backward
     stride_x,  # elements between the starts of two rows of X
     stride_r,  # same for R
-    n_cols,  # row width N
+    n_cols,  # row width C (features per row)
     eps,  # added to the variance before the square root
     HAS_RESIDUAL: tl.constexpr,  # add_layer_norm: normalize h = x + r and write h
     HAS_WEIGHT: tl.constexpr,  # multiply by w
@@ -193,7 +193,7 @@ def _layer_norm_bwd_kernel(
     stride_dh,  # same for DH
     stride_x,  # same for X
     n_rows,  # number of rows
-    n_cols,  # row width N
+    n_cols,  # row width C (features per row)
     HAS_DH: tl.constexpr,  # h = x + r was used downstream too: its gradient adds to dx
     HAS_WEIGHT: tl.constexpr,  # the forward multiplied by w (compute dW)
     HAS_BIAS: tl.constexpr,  # the forward added b (compute dB)

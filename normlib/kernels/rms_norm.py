@@ -1,14 +1,14 @@
 """Fused RMSNorm in Triton: forward, backward, and the residual-add + RMSNorm of a pre-norm block.
 
 The same structure as :mod:`normlib.kernels.layer_norm`, with less to do: RMSNorm (Zhang and
-Sennrich, 2019) neither subtracts the mean nor adds a bias. For one row :math:`x \\in \\mathbb{R}^N`,
+Sennrich, 2019) neither subtracts the mean nor adds a bias. For one row :math:`x \\in \\mathbb{R}^C`,
 with eps inside the square root as in ``torch.nn.RMSNorm``::
 
-    rstd = 1 / sqrt(sum(x^2) / N + eps)
+    rstd = 1 / sqrt(sum(x^2) / C + eps)
     x_hat = x * rstd
     y = x_hat * w
 
-Backward, with ``wdy = w * dy`` and one row sum ``c1 = sum(x_hat * wdy) / N`` (LayerNorm's ``c2``,
+Backward, with ``wdy = w * dy`` and one row sum ``c1 = sum(x_hat * wdy) / C`` (LayerNorm's ``c2``,
 the mean of ``wdy``, is absent because no mean was subtracted)::
 
     dx = (wdy - x_hat * c1) * rstd
@@ -54,7 +54,7 @@ def _rms_norm_fwd_kernel(
     RSTD,  # pointer to the per-row 1/rms (n_rows,), fp32, kept for the backward
     stride_x,  # elements between the starts of two rows of X
     stride_r,  # same for R
-    n_cols,  # row width N
+    n_cols,  # row width C (features per row)
     eps,  # added to the mean square before the square root
     HAS_RESIDUAL: tl.constexpr,  # add_rms_norm: normalize h = x + r and write h
     HAS_WEIGHT: tl.constexpr,  # multiply by w
@@ -130,7 +130,7 @@ def _rms_norm_bwd_kernel(
     stride_dh,  # same for DH
     stride_x,  # same for X
     n_rows,  # number of rows
-    n_cols,  # row width N
+    n_cols,  # row width C (features per row)
     HAS_DH: tl.constexpr,  # h = x + r was used downstream too: its gradient adds to dx
     HAS_WEIGHT: tl.constexpr,  # the forward multiplied by w (compute dW)
     BLOCK_N: tl.constexpr,  # columns per block, a power of two
