@@ -188,25 +188,24 @@ def check_close(
     _verdict(check_id, claim, f"within {tolerance:g}")
 
 
-def check_all_above(check_id: str, claim: str, values: Iterable[float], bound: float, *, name: str = "values") -> None:
-    """Every measurement (every seed, every setting) is above ``bound``: "each run learns"."""
+def _check_every_run(check_id: str, claim: str, values: Iterable[float], bound: float, name: str, above: bool) -> None:
     _validate(check_id, claim)
     s = spread(values, name=name)
-    if not s.min > bound:
+    extreme, word = (s.min, "smallest") if above else (s.max, "largest")
+    side = "above" if above else "below"
+    if not (extreme > bound if above else extreme < bound):
         raise CheckFailed(
-            f"[{check_id}] {claim}: does NOT hold; {name} {_list(s.values)}, smallest {s.min:.4g} "
-            f"is not above {bound:g}"
+            f"[{check_id}] {claim}: does NOT hold; {name} {_list(s.values)}, {word} {extreme:.4g} "
+            f"is not {side} {bound:g}"
         )
-    _verdict(check_id, claim, f"every run above {bound:g}")
+    _verdict(check_id, claim, f"every run {side} {bound:g}")
+
+
+def check_all_above(check_id: str, claim: str, values: Iterable[float], bound: float, *, name: str = "values") -> None:
+    """Every measurement (every seed, every setting) is above ``bound``: "each run learns"."""
+    _check_every_run(check_id, claim, values, bound, name, above=True)
 
 
 def check_all_below(check_id: str, claim: str, values: Iterable[float], bound: float, *, name: str = "values") -> None:
     """Every measurement is below ``bound``: "each run stays at chance"."""
-    _validate(check_id, claim)
-    s = spread(values, name=name)
-    if not s.max < bound:
-        raise CheckFailed(
-            f"[{check_id}] {claim}: does NOT hold; {name} {_list(s.values)}, largest {s.max:.4g} "
-            f"is not below {bound:g}"
-        )
-    _verdict(check_id, claim, f"every run below {bound:g}")
+    _check_every_run(check_id, claim, values, bound, name, above=False)
