@@ -30,8 +30,9 @@ $(STAMP): requirements.txt pyproject.toml
 book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo
-	@echo "The book is in _build/html. Open _build/html/index.html in a browser, or serve it with:"
-	@echo "  $(BIN)/python -m http.server --directory _build/html 8000   (then visit http://localhost:8000)"
+	@echo "The book is in _build/html. Serve it, then visit http://127.0.0.1:8000 :"
+	@echo "  $(BIN)/python -m http.server --bind 127.0.0.1 --directory _build/html 8000"
+	@echo "(Opening _build/html/index.html as a file also works, but search results then lack their excerpts.)"
 
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Another machine, emulated: PyTorch's portable kernels instead of AVX2/AVX-512, MKL and oneDNN held

@@ -4,7 +4,13 @@ The test builds the HTML exactly as ``make book`` does, then checks every page f
 would notice: JavaScript errors, files that fail to load, requests that leave the machine (the
 site must work offline, so MathJax is served locally), missing figures, unrendered math, a
 chapter missing from the sidebar, a search that finds nothing, and launch buttons that open the
-wrong notebook. It leaves screenshots of two pages in ``_build/screenshots/``.
+wrong notebook. Then it opens every page again at three widths, phone (390 px), tablet (800 px) and
+desktop (1400 px), as one sweep whose findings the layout tests below read: the sidebar toggles
+open the chapter list and the page contents, each page has one header, a wide display equation on
+a phone scrolls inside its box instead of being clipped, and on the desktop every display equation
+fits its box, code blocks rarely need sideways scrolling, and figures are shown near the size they
+were drawn at, with alt text. Screenshots of every page at the three widths
+land in ``_build/screenshots/``.
 
 It drives the system's Chromium through Playwright (no browser download). Without Chromium the
 test is skipped with instructions, except under CI (``CI=true``), where a missing browser fails.
@@ -235,3 +241,287 @@ def test_screenshots_of_intro_and_a_chapter(browser, site):
         visit.page.screenshot(path=str(target), full_page=False)
         assert target.stat().st_size > 10_000, f"{target} is suspiciously small"
         visit.page.close()
+
+
+# --- The layout at three widths ------------------------------------------------------------------
+
+# The widths a reader opens the site at: a phone, a tablet, a desktop (the desktop is where the
+# equations, code and figures are measured: the theme's text column is widest there).
+WIDTHS = (390, 800, 1400)
+DESKTOP, PHONE = 1400, 390
+VIEWPORT_HEIGHT = 900
+# The share of a page's code blocks (cell inputs, cell outputs, code in the text) that may need
+# sideways scrolling on the desktop. A few percent leaves room for the odd line that cannot be
+# broken (a long URL), not for a chapter formatted wider than its column.
+MAX_SCROLLING_CODE_SHARE = 0.05
+# A figure shown below this fraction of the width it was drawn at has had its labels shrunk with
+# it below readability; figures are drawn for the text column instead (normlib/book/plots.py).
+MIN_FIGURE_SCALE = 0.7
+# The theme's sidebars slide in and out; how long a toggled sidebar may take to settle.
+TOGGLE_TIMEOUT_MS = 3_000
+
+CHAPTER_LIST = ".bd-sidebar-primary nav.bd-docs-nav a"
+PAGE_CONTENTS = ".bd-sidebar-secondary nav.page-toc a"
+PRIMARY_TOGGLE = "button.primary-toggle:visible"
+SECONDARY_TOGGLE = "button.secondary-toggle:visible"
+
+# True when some element matching the selector is rendered, not transparent, and lies across the
+# window horizontally (a closed sidebar is parked off-screen, so "visible" alone says nothing).
+ON_SCREEN_JS = """selector => [...document.querySelectorAll(selector)].some(e => {
+  const r = e.getBoundingClientRect();
+  return r.width > 0 && r.height > 0 && r.left >= -1 && r.right <= window.innerWidth + 1
+    && e.checkVisibility({opacityProperty: true, visibilityProperty: true,
+                          checkOpacity: true, checkVisibilityCSS: true});
+})"""
+
+# Header bars on screen: the theme's site header and the article's header (the button row).
+HEADERS_JS = """() => [...document.querySelectorAll('header.bd-header, .bd-header-article')]
+  .filter(e => { const r = e.getBoundingClientRect();
+                 return r.width > 0 && r.height > 0
+                   && e.checkVisibility({visibilityProperty: true, checkVisibilityCSS: true}); })
+  .map(e => (e.tagName.toLowerCase() + '.' + [...e.classList].join('.')))"""
+
+# Every display equation: its number, the start of its TeX, the width it needs and the width of
+# its box (the box's own width less the equation number), and how far it reaches past the box.
+EQUATIONS_JS = """() => [...document.querySelectorAll('article div.math')].map((box, index) => {
+  const container = box.querySelector('mjx-container');
+  const number = box.querySelector('span.eqno');
+  let tex = '';
+  try { const items = MathJax.startup.document.getMathItemsWithin(box); if (items.length) tex = items[0].math; }
+  catch (error) { tex = box.textContent; }
+  const outer = box.getBoundingClientRect();
+  return {index, number: number ? number.textContent.replace(/#/g, '').trim() : null,
+          tex: tex.trim().replace(/\\s+/g, ' ').slice(0, 60), column: Math.round(outer.width),
+          box: container ? container.clientWidth : 0, width: container ? container.scrollWidth : 0,
+          past: container ? Math.round(container.getBoundingClientRect().right - outer.right) : 0,
+          scrolls: container ? ['auto', 'scroll'].includes(getComputedStyle(container).overflowX) : false};
+})"""
+
+# Every code block: which notebook cell it belongs to (by order among the page's cells), input or
+# output, the width its text needs, the width it is shown in, and how far it reaches past the column.
+CODE_JS = """() => {
+  const article = document.querySelector('article.bd-article');
+  const style = getComputedStyle(article);
+  const right = article.getBoundingClientRect().right - parseFloat(style.paddingRight);
+  const cells = [...article.querySelectorAll('div.cell')];
+  let loose = 0;
+  return [...article.querySelectorAll('pre')].map(pre => {
+    const cell = pre.closest('div.cell');
+    return {cell: cell ? cells.indexOf(cell) : null, block: cell ? null : loose++,
+            part: pre.closest('.cell_output') ? 'output' : 'input',
+            width: pre.scrollWidth, box: pre.clientWidth,
+            past: Math.round(pre.getBoundingClientRect().right - right),
+            line: pre.textContent.split('\\n')[0].slice(0, 50)};
+  });
+}"""
+
+# Every image in the text: the cell it belongs to, its file, alt text, drawn and shown width.
+FIGURES_JS = """() => {
+  const cells = [...document.querySelectorAll('article div.cell')];
+  return [...document.querySelectorAll('article img')].map((img, index) => {
+    const cell = img.closest('div.cell');
+    return {index, cell: cell ? cells.indexOf(cell) : null, src: img.getAttribute('src') || '',
+            alt: img.getAttribute('alt'), drawn: img.naturalWidth,
+            shown: Math.round(img.getBoundingClientRect().width)};
+  });
+}"""
+
+
+def _open(page, url: str) -> None:
+    page.goto(url, wait_until="networkidle")
+    if page.locator(".math").count():
+        page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
+        page.evaluate("() => MathJax.startup.promise")
+
+
+def _settles(page, selector: str, on_screen: bool) -> bool:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    test = ON_SCREEN_JS if on_screen else f"selector => !({ON_SCREEN_JS})(selector)"
+    try:
+        page.wait_for_function(test, arg=selector, timeout=TOGGLE_TIMEOUT_MS)
+    except PlaywrightTimeout:
+        return False
+    return True
+
+
+def _navigation_problems(page, url: str, screenshot: str | None = None) -> list[str]:
+    """Open the chapter list and the page contents with the toggles a reader sees.
+
+    With ``screenshot`` (a path without suffix), each opened sidebar is photographed as well.
+    """
+    problems = []
+    for what, toggle, target in (("chapter list", PRIMARY_TOGGLE, CHAPTER_LIST),
+                                 ("page contents", SECONDARY_TOGGLE, PAGE_CONTENTS)):
+        if what == "page contents" and page.locator(target).count() == 0:
+            continue  # a page without sections has no page contents
+        buttons = page.locator(toggle)
+        if page.evaluate(ON_SCREEN_JS, target):
+            # Shown beside the text (the desktop): its toggle, if any, must hide and show it again.
+            if buttons.count():
+                buttons.first.click()
+                if not _settles(page, target, on_screen=False):
+                    problems.append(f"its toggle does not hide the {what}")
+                buttons.first.click()
+                if not _settles(page, target, on_screen=True):
+                    problems.append(f"its toggle hides the {what} and does not show it again")
+            continue
+        if buttons.count() == 0:
+            problems.append(f"the {what} is off-screen and no toggle for it is visible")
+            continue
+        buttons.first.click()
+        if not _settles(page, target, on_screen=True):
+            problems.append(f"clicking the {what} toggle does not bring the {what} on screen")
+        elif screenshot:
+            page.screenshot(path=f"{screenshot}-{what.replace(' ', '-')}.png")
+        page.keyboard.press("Escape")
+        if not _settles(page, target, on_screen=False):
+            _open(page, url)  # start the next check from a closed sidebar
+    return problems
+
+
+def _notebook_cells(name: str) -> list[int] | None:
+    """For a chapter, the notebook index of each code cell the page shows, in page order."""
+    notebook = ROOT / f"{name}.ipynb"
+    if not notebook.exists():
+        return None
+    cells = json.loads(notebook.read_text())["cells"]
+    return [
+        index
+        for index, cell in enumerate(cells)
+        if cell["cell_type"] == "code" and "remove-cell" not in cell.get("metadata", {}).get("tags", [])
+    ]
+
+
+def _cell_name(cells: list[int] | None, position: int | None, loose: int | None = None) -> str:
+    if position is None:
+        return f"code block {loose} of the text"
+    if cells is not None and position < len(cells):
+        return f"cell {cells[position]} of the notebook (code cell {position})"
+    return f"code cell {position}"
+
+
+def _path_like(alt: str | None, src: str) -> bool:
+    text = (alt or "").strip()
+    if not text:
+        return True
+    stem = src.rsplit("/", 1)[-1]
+    pictures = (".png", ".jpg", ".jpeg", ".svg", ".gif")
+    return text == src or text.rsplit("/", 1)[-1] == stem or text.lower().endswith(pictures)
+
+
+@pytest.fixture(scope="module")
+def layout(browser, site) -> dict:
+    """Every page at every width, opened once in one reused tab per width; what the tests judge.
+
+    Returns {"navigation", "headers"}: problems as text; {"equations", "code", "figures"}: the
+    desktop measurements and {"phone equations"}, as (page, list of dicts) pairs; {"screenshots"}: the files written. It
+    leaves a screenshot of the top of every page at every width in _build/screenshots/ (and of
+    the front page with each sidebar opened where a toggle opens it).
+    """
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    found = {"navigation": [], "headers": [], "equations": [], "phone equations": [], "code": [], "figures": [],
+             "screenshots": []}
+    for width in WIDTHS:
+        page = browser.new_page(viewport={"width": width, "height": VIEWPORT_HEIGHT})
+        for name in _toc_files():
+            url = f"{site}/{name}.html"
+            _open(page, url)
+            target = SCREENSHOTS / f"{name.replace('/', '-')}-{width}.png"
+            page.screenshot(path=str(target))
+            found["screenshots"].append(target)
+            headers = page.evaluate(HEADERS_JS)
+            if len(headers) != 1:
+                found["headers"].append(f"{name} at {width} px: {len(headers)} header bars on screen: {headers}")
+            if width == PHONE:
+                found["phone equations"].append((name, page.evaluate(EQUATIONS_JS)))
+            if width == DESKTOP:
+                found["equations"].append((name, page.evaluate(EQUATIONS_JS)))
+                found["code"].append((name, page.evaluate(CODE_JS)))
+                found["figures"].append((name, page.evaluate(FIGURES_JS)))
+            # last, since a toggled sidebar changes the layout measured above
+            shot = str(SCREENSHOTS / f"{name}-{width}") if name == _toc_files()[0] else None
+            found["navigation"] += [f"{name} at {width} px: {p}" for p in _navigation_problems(page, url, shot)]
+        page.close()
+    return found
+
+
+def test_toggles_open_the_chapter_list_and_page_contents_at_every_width(layout):
+    assert not layout["navigation"], "\n".join(layout["navigation"])
+
+
+def test_every_page_has_one_header(layout):
+    assert not layout["headers"], "\n".join(layout["headers"])
+
+
+def test_display_equations_fit_their_box_on_the_desktop(layout):
+    problems = []
+    for name, equations in layout["equations"]:
+        for eq in equations:
+            label = f"equation {eq['number']}" if eq["number"] else f"unnumbered equation {eq['index']} on the page"
+            if eq["width"] > eq["box"] + 1 or eq["past"] > 1:
+                problems.append(
+                    f"{name}: {label} ({eq['tex']}...) is {eq['width']} px wide in a {eq['box']} px box "
+                    f"(column {eq['column']} px, reaches {max(eq['past'], 0)} px past it)"
+                )
+    heading = f"{len(problems)} display equations wider than their box at {DESKTOP} px:"
+    assert not problems, "\n".join([heading, *problems])
+
+
+def test_display_equations_scroll_and_are_never_clipped_on_a_phone(layout):
+    problems = []
+    for name, equations in layout["phone equations"]:
+        for eq in equations:
+            label = f"equation {eq['number']}" if eq["number"] else f"unnumbered equation {eq['index']} on the page"
+            if eq["past"] > 1 or (eq["width"] > eq["box"] + 1 and not eq["scrolls"]):
+                problems.append(
+                    f"{name}: {label} ({eq['tex']}...) is {eq['width']} px wide in a {eq['box']} px box that "
+                    f"{'scrolls' if eq['scrolls'] else 'does not scroll'}, reaching {eq['past']} px past the column"
+                )
+    heading = f"display equations clipped at {PHONE} px:"
+    assert not problems, "\n".join([heading, *problems])
+
+
+def test_code_blocks_fit_the_desktop_column(layout):
+    problems = []
+    for name, blocks in layout["code"]:
+        cells = _notebook_cells(name)
+        scrolling = [b for b in blocks if b["width"] > b["box"] + 1 or b["past"] > 1]
+        if blocks and len(scrolling) / len(blocks) > MAX_SCROLLING_CODE_SHARE:
+            lines = [
+                f"  {_cell_name(cells, b['cell'], b['block'])} {b['part']}: {b['width']} px of text in a "
+                f"{b['box']} px box ({b['line']!r})"
+                for b in scrolling
+            ]
+            problems.append(
+                f"{name}: {len(scrolling)} of {len(blocks)} code blocks need sideways scrolling at {DESKTOP} px "
+                f"(at most {MAX_SCROLLING_CODE_SHARE:.0%} may):\n" + "\n".join(lines)
+            )
+    assert not problems, "\n".join(problems)
+
+
+def test_figures_are_shown_near_their_drawn_size_with_alt_text(layout):
+    problems = []
+    for name, figures in layout["figures"]:
+        cells = _notebook_cells(name)
+        for fig in figures:
+            if fig["drawn"] == 0:
+                continue  # a missing image; test_every_page_loads_cleanly_with_figures_and_math reports it
+            label = f"figure {fig['index']}"
+            if fig["cell"] is not None:
+                label += f" ({_cell_name(cells, fig['cell'])})"
+            if fig["shown"] < MIN_FIGURE_SCALE * fig["drawn"]:
+                problems.append(
+                    f"{name}: {label} is drawn {fig['drawn']} px wide and shown at {fig['shown']} px "
+                    f"({fig['shown'] / fig['drawn']:.0%}, at least {MIN_FIGURE_SCALE:.0%} required)"
+                )
+            if _path_like(fig["alt"], fig["src"]):
+                problems.append(f"{name}: {label} has no alt text but {fig['alt']!r} ({fig['src']})")
+    assert not problems, f"at {DESKTOP} px:\n" + "\n".join(problems)
+
+
+def test_screenshots_of_every_page_at_three_widths(layout):
+    expected = len(_toc_files()) * len(WIDTHS)
+    assert len(layout["screenshots"]) == expected
+    small = [str(path) for path in layout["screenshots"] if path.stat().st_size < 10_000]
+    assert not small, f"suspiciously small screenshots: {small}"
