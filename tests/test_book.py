@@ -18,13 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # The first code cell of every chapter, word for word, with the repository filled in from
 # _config.yml. On Colab and Binder it is what makes `import normlib` work.
 SETUP_CELL = """\
-# Setup: make `normlib` importable. In a clone of the repository, `make book` and `make test`
-# have installed it; on Colab or Binder this installs it from the repository, keeping the
-# preinstalled torch.
+# Setup: make `normlib` importable. In a clone of the repository, `make book`
+# and `make test` have installed it; on Colab or Binder this installs it from
+# the repository, keeping the preinstalled torch.
 try:
     import normlib
 except ImportError:
-    %pip install --quiet "normlib[book] @ git+{url}@{branch}"
+    %pip install --quiet \\
+    "normlib[book] @ git+{url}@{branch}"
     import normlib"""
 
 # {cite}`a,b`, {cite:p}`a`, {cite:t}`a`, {cite:ps}`a` ... as written in MyST markdown

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from normlib.book.axes import KINDS, plot_norm_axes, shared_statistics_mask
+from normlib.book.plots import FIGURE_DPI, PAGE_WIDTH, page_figure
 from normlib.book.sequences import pad_sequences, random_padded_batch, random_sequence
 
 N, C, HW, G = 3, 4, 5, 2
@@ -68,6 +69,26 @@ def test_plot_draws_one_titled_3d_box_per_kind():
     assert "G=3" in fig.axes[2].get_title()
     with pytest.raises(ValueError, match="kinds"):
         plot_norm_axes(())
+
+
+def test_page_figure_fits_the_text_column_and_stacks_panels_in_rows():
+    import matplotlib.pyplot as plt
+
+    # the site's text column is 784 px on a desktop; a figure drawn wider is shrunk on screen
+    assert PAGE_WIDTH * FIGURE_DPI <= 784
+    fig, axes = page_figure(3, per_row=2, panel_height=2.5)
+    assert len(axes) == 3 and len(fig.axes) == 3
+    assert tuple(fig.get_size_inches()) == (PAGE_WIDTH, 5.0)
+    assert fig.dpi == FIGURE_DPI
+    # reading order: two panels in the first row, the third below the first
+    (x0, y0), (x1, y1), (x2, y2) = [ax.get_position().p0 for ax in axes]
+    assert x0 < x1 and y0 == y1 and x2 == x0 and y2 < y0
+    plt.close(fig)
+    fig, ax = page_figure()
+    assert ax is fig.axes[0]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="panels"):
+        page_figure(0)
 
 
 def test_random_sequence_depends_on_its_seed_only():

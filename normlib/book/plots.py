@@ -7,11 +7,28 @@ expects them.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["NORM_COLORS", "NORM_LABELS", "plot_per_layer", "plot_sweep"]
+__all__ = [
+    "FIGURE_DPI",
+    "NORM_COLORS",
+    "NORM_LABELS",
+    "PAGE_WIDTH",
+    "page_figure",
+    "plot_per_layer",
+    "plot_sweep",
+]
+
+# Figures are drawn for the page they are shown on. The site's text column is 784 px wide on a
+# desktop screen, and the page shows a PNG at the size it was drawn whenever it fits, shrinking it
+# only when it is wider. A figure PAGE_WIDTH inches wide at FIGURE_DPI pixels per inch is 760 px,
+# so it is shown 1:1 and matplotlib's 10 pt labels stay 14 px tall on screen (a 9 px floor is
+# 6.5 pt). Panels that would not fit side by side at that width go in rows instead of shrinking.
+FIGURE_DPI = 100
+PAGE_WIDTH = 7.6  # inches
 
 # One colour per normalization kind (the names of normlib.book.models.NORMS), so "batch" is the
 # same colour in every figure; kinds not listed fall back to matplotlib's cycle.
@@ -34,6 +51,44 @@ NORM_LABELS = {
     "group": "GroupNorm",
     "instance": "InstanceNorm",
 }
+
+
+def page_figure(
+    panels: int = 1,
+    *,
+    per_row: int = 2,
+    panel_height: float = 3.2,
+    sharex: bool = False,
+    sharey: bool = False,
+):
+    """A figure as wide as the text column holding ``panels`` axes, at most ``per_row`` side by
+    side and the rest in further rows; returns ``(fig, axes)`` with ``axes`` a list of
+    ``panels`` axes in reading order (left to right, then down), or the one Axes itself when
+    ``panels`` is 1, as ``plt.subplots`` does.
+
+    ``panel_height`` is the height of one row in inches. The layout is matplotlib's constrained
+    layout, so titles, labels and legends get the room they need without ``tight_layout``.
+    """
+    import matplotlib.pyplot as plt
+
+    if panels < 1 or per_row < 1:
+        raise ValueError(f"panels and per_row must be at least 1, got {panels} and {per_row}")
+    cols = min(panels, per_row)
+    rows = math.ceil(panels / cols)
+    fig, grid = plt.subplots(
+        rows,
+        cols,
+        figsize=(PAGE_WIDTH, panel_height * rows),
+        dpi=FIGURE_DPI,
+        layout="constrained",
+        squeeze=False,
+        sharex=sharex,
+        sharey=sharey,
+    )
+    axes = list(grid.flat)
+    for unused in axes[panels:]:
+        unused.remove()
+    return fig, axes[0] if panels == 1 else axes[:panels]
 
 
 def _style(key: str) -> dict:
