@@ -160,3 +160,11 @@ def test_bib_keys_are_unique():
     keys = BIB_KEY.findall(text)
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     assert not duplicates, f"references.bib defines these keys more than once: {duplicates}"
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_notebook_names_its_lexer_so_every_chapter_highlights_alike(path):
+    # Without language_info.pygments_lexer the site highlights the first cell as plain Python,
+    # not IPython (the %pip line of the setup cell shows as an error)
+    lexer = read_notebook(path)["metadata"].get("language_info", {}).get("pygments_lexer")
+    assert lexer == "ipython3", f"{path.name}: language_info.pygments_lexer is {lexer!r}; re-execute the notebook"
