@@ -454,11 +454,15 @@ def test_every_page_has_one_header(layout):
     assert not layout["headers"], "\n".join(layout["headers"])
 
 
+def _equation_label(eq: dict) -> str:
+    return f"equation {eq['number']}" if eq["number"] else f"unnumbered equation {eq['index']} on the page"
+
+
 def test_display_equations_fit_their_box_on_the_desktop(layout):
     problems = []
     for name, equations in layout["equations"]:
         for eq in equations:
-            label = f"equation {eq['number']}" if eq["number"] else f"unnumbered equation {eq['index']} on the page"
+            label = _equation_label(eq)
             if eq["width"] > eq["box"] + 1 or eq["past"] > 1:
                 problems.append(
                     f"{name}: {label} ({eq['tex']}...) is {eq['width']} px wide in a {eq['box']} px box "
@@ -472,7 +476,7 @@ def test_display_equations_scroll_and_are_never_clipped_on_a_phone(layout):
     problems = []
     for name, equations in layout["phone equations"]:
         for eq in equations:
-            label = f"equation {eq['number']}" if eq["number"] else f"unnumbered equation {eq['index']} on the page"
+            label = _equation_label(eq)
             if eq["past"] > 1 or (eq["width"] > eq["box"] + 1 and not eq["scrolls"]):
                 problems.append(
                     f"{name}: {label} ({eq['tex']}...) is {eq['width']} px wide in a {eq['box']} px box that "
