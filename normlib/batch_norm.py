@@ -69,13 +69,13 @@ def batch_norm_reference(
 ) -> tuple[np.ndarray, BatchNormCache]:
     r"""Batch normalization in float64 NumPy, written to be read next to its equations.
 
-    With ``x`` of shape (N, C, *spatial) and n = N * prod(spatial) values per channel c:
+    With ``x`` of shape (N, C, *spatial) and m = N * prod(spatial) values per channel c:
 
     .. math::
 
-        \mathrm{mean}_c = \frac{1}{n} \sum_{i} x_{i,c}, \qquad
-        \mathrm{var}_c = \frac{1}{n} \sum_{i} (x_{i,c} - \mathrm{mean}_c)^2, \qquad
-        \mathrm{rstd}_c = \frac{1}{\sqrt{\mathrm{var}_c + \epsilon}}
+        \mathrm{mean}_c = \frac{1}{m} \sum_{i} x_{i,c}, \qquad
+        \mathrm{var}_c = \frac{1}{m} \sum_{i} (x_{i,c} - \mathrm{mean}_c)^2, \qquad
+        \mathrm{rstd}_c = \frac{1}{\sqrt{\mathrm{var}_c + \varepsilon}}
 
     .. math::
 
@@ -87,10 +87,12 @@ def batch_norm_reference(
 
     .. math::
 
-        \mathrm{running\_mean} \leftarrow (1 - m)\,\mathrm{running\_mean} + m\,\mathrm{mean}, \qquad
-        \mathrm{running\_var} \leftarrow (1 - m)\,\mathrm{running\_var} + m\,\frac{n}{n-1}\mathrm{var}
+        \mathrm{running\_mean} \leftarrow (1 - \mathrm{momentum})\,\mathrm{running\_mean}
+            + \mathrm{momentum}\,\mathrm{mean}, \qquad
+        \mathrm{running\_var} \leftarrow (1 - \mathrm{momentum})\,\mathrm{running\_var}
+            + \mathrm{momentum}\,\frac{m}{m-1}\mathrm{var}
 
-    with m = ``momentum``, PyTorch's convention: the weight of the *new* batch (Keras calls the
+    with PyTorch's convention for ``momentum``: the weight of the *new* batch (Keras calls the
     weight of the *old* estimate momentum, 0.99 there is 0.01 here). The running variance takes the
     unbiased batch variance, the normalization the biased one, as PyTorch does. In evaluation
     (``training=False``) mean and var are ``running_mean`` and ``running_var``.
@@ -138,11 +140,11 @@ def batch_norm_reference_backward(
 
     .. math::
 
-        c_1 = \frac{1}{n}\sum_i \hat{x}_i \, wdy_i, \qquad
-        c_2 = \frac{1}{n}\sum_i wdy_i, \qquad
+        c_1 = \frac{1}{m}\sum_i \hat{x}_i \, wdy_i, \qquad
+        c_2 = \frac{1}{m}\sum_i wdy_i, \qquad
         dx_i = \mathrm{rstd}\,(wdy_i - (\hat{x}_i c_1 + c_2))
 
-    the sums running over the n = N * prod(spatial) values of one channel. The c2 term removes the
+    the sums running over the m = N * prod(spatial) values of one channel. The c2 term removes the
     part of the gradient that only shifts the channel (the mean absorbs it) and the c1 term the part
     that only rescales it (the variance absorbs it).
     """

@@ -65,7 +65,7 @@ def group_norm_reference(
 
         \mathrm{mean}_{n,g} = \frac{1}{m}\sum_{i \in S} x_i, \qquad
         \mathrm{var}_{n,g} = \frac{1}{m}\sum_{i \in S} (x_i - \mathrm{mean}_{n,g})^2, \qquad
-        \mathrm{rstd}_{n,g} = \frac{1}{\sqrt{\mathrm{var}_{n,g} + \epsilon}}
+        \mathrm{rstd}_{n,g} = \frac{1}{\sqrt{\mathrm{var}_{n,g} + \varepsilon}}
 
     .. math::
 

@@ -72,7 +72,7 @@ def instance_norm_reference(
 
         \mathrm{mean}_{n,c} = \frac{1}{m}\sum_i x_{n,c,i}, \qquad
         \mathrm{var}_{n,c} = \frac{1}{m}\sum_i (x_{n,c,i} - \mathrm{mean}_{n,c})^2, \qquad
-        \mathrm{rstd}_{n,c} = \frac{1}{\sqrt{\mathrm{var}_{n,c} + \epsilon}}
+        \mathrm{rstd}_{n,c} = \frac{1}{\sqrt{\mathrm{var}_{n,c} + \varepsilon}}
 
     .. math::
 

@@ -76,14 +76,14 @@ def layer_norm_reference(
 ) -> tuple[np.ndarray, LayerNormCache]:
     r"""Layer normalization in float64 NumPy, written to be read next to its equations.
 
-    Every row -- the trailing ``normalized_shape`` elements x_1..x_n of one sample -- is
+    Every row -- the trailing ``normalized_shape`` elements x_1..x_m of one sample -- is
     standardized on its own:
 
     .. math::
 
-        \mathrm{mean} = \frac{1}{n}\sum_{j=1}^{n} x_j, \qquad
-        \mathrm{var} = \frac{1}{n}\sum_{j=1}^{n} (x_j - \mathrm{mean})^2, \qquad
-        \mathrm{rstd} = \frac{1}{\sqrt{\mathrm{var} + \epsilon}}
+        \mathrm{mean} = \frac{1}{m}\sum_{j=1}^{m} x_j, \qquad
+        \mathrm{var} = \frac{1}{m}\sum_{j=1}^{m} (x_j - \mathrm{mean})^2, \qquad
+        \mathrm{rstd} = \frac{1}{\sqrt{\mathrm{var} + \varepsilon}}
 
     .. math::
 
@@ -117,12 +117,12 @@ def layer_norm_reference_backward(
 
     dweight = sum over rows of dy * x_hat and dbias = sum over rows of dy. For dx, write
     wdy = gamma * dy; mean and rstd depend on every x of the row, and differentiating through them
-    gives (c1, c2 as in Triton's layer-norm tutorial, means taken over the n elements of a row):
+    gives (c1, c2 as in Triton's layer-norm tutorial, means taken over the m elements of a row):
 
     .. math::
 
-        c_1 = \frac{1}{n}\sum_j \hat{x}_j\, wdy_j, \qquad
-        c_2 = \frac{1}{n}\sum_j wdy_j, \qquad
+        c_1 = \frac{1}{m}\sum_j \hat{x}_j\, wdy_j, \qquad
+        c_2 = \frac{1}{m}\sum_j wdy_j, \qquad
         dx_j = \mathrm{rstd}\,(wdy_j - (\hat{x}_j c_1 + c_2))
 
     Subtracting c2 removes the component of the gradient that would only shift the row (the mean

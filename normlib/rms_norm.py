@@ -73,11 +73,11 @@ def rms_norm_reference(
 ) -> tuple[np.ndarray, RMSNormCache]:
     r"""RMSNorm in float64 NumPy, written to be read next to its equations.
 
-    For every row x_1..x_n (the trailing ``normalized_shape`` elements of one sample):
+    For every row x_1..x_m (the trailing ``normalized_shape`` elements of one sample):
 
     .. math::
 
-        \mathrm{rstd} = \frac{1}{\sqrt{\frac{1}{n}\sum_{j=1}^{n} x_j^2 + \epsilon}}, \qquad
+        \mathrm{rstd} = \frac{1}{\sqrt{\frac{1}{m}\sum_{j=1}^{m} x_j^2 + \varepsilon}}, \qquad
         \hat{x}_j = x_j\,\mathrm{rstd}, \qquad
         y_j = \gamma_j \hat{x}_j
 
@@ -102,12 +102,12 @@ def rms_norm_reference_backward(
     r"""Gradients ``(dx, dweight)`` of :func:`rms_norm_reference`, given dL/dy = ``dy``.
 
     dweight = sum over rows of dy * x_hat. For dx, write wdy = gamma * dy; rstd depends on every x
-    of the row (d rstd / d x_j = -rstd^3 x_j / n), which gives LayerNorm's form without its c2
+    of the row (d rstd / d x_j = -rstd^3 x_j / m), which gives LayerNorm's form without its c2
     term (there is no mean to differentiate through):
 
     .. math::
 
-        c_1 = \frac{1}{n}\sum_j \hat{x}_j\, wdy_j, \qquad
+        c_1 = \frac{1}{m}\sum_j \hat{x}_j\, wdy_j, \qquad
         dx_j = \mathrm{rstd}\,(wdy_j - \hat{x}_j c_1)
 
     Subtracting x_hat * c1 removes the component of the gradient along x itself: scaling a row by
