@@ -21,7 +21,7 @@ from torch import nn
 
 import normlib
 from normlib.book.data import Split
-from normlib.book.train import accuracy
+from normlib.book.train import accuracy, train_classifier
 
 __all__ = ["GhostBatchNorm2d", "ScheduledRun", "train_mode_accuracy", "train_scheduled", "with_ghost_batches"]
 
@@ -108,36 +108,26 @@ def train_scheduled(
     weight_decay: float = 0.0,
     measure_train_mode: bool = False,
 ) -> ScheduledRun:
-    """SGD with momentum and a cosine learning-rate schedule decaying ``lr`` to 0 over the run.
+    """SGD with momentum and a cosine learning-rate schedule decaying ``lr`` to 0 over the run
+    (:func:`normlib.book.train.train_classifier` with ``lr_schedule="cosine"``).
 
     The batches depend only on ``seed`` (a seeded permutation each epoch, the last incomplete batch
     dropped), so runs with the same seed and batch size see the same images in the same order,
-    whatever their norm. The schedule ends each run in a settled state rather than mid-oscillation,
-    which makes final errors comparable. ``measure_train_mode`` also records the test accuracy with
-    BatchNorm in training mode after each epoch (batches of ``batch_size`` test samples).
+    whatever their norm. ``measure_train_mode`` also records the test accuracy with BatchNorm in
+    training mode after each epoch (batches of ``batch_size`` test samples).
     """
-    if batch_size < 1 or batch_size > len(data.y_train):
-        raise ValueError(f"batch_size must be in [1, {len(data.y_train)}], got {batch_size}")
+    run = ScheduledRun()
+
+    def after_epoch(_epoch: int, trained: nn.Module) -> None:
+        if measure_train_mode:
+            run.train_mode_accuracy.append(train_mode_accuracy(trained, data.x_test, data.y_test, batch_size))
+
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = len(data.y_train) // batch_size
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    run = ScheduledRun()
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(data.y_train), generator=generator)
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        run.eval_accuracy.append(accuracy(model, data.x_test, data.y_test))
-        if measure_train_mode:
-            run.train_mode_accuracy.append(train_mode_accuracy(model, data.x_test, data.y_test, batch_size))
+    history = train_classifier(
+        model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, momentum=momentum,
+        weight_decay=weight_decay, lr_schedule="cosine", on_epoch_end=after_epoch,
+    )
+    run.eval_accuracy = history.epoch_test_accuracy
     run.train_accuracy = accuracy(model, data.x_train, data.y_train)
     return run

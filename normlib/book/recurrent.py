@@ -30,6 +30,7 @@ from normlib.batch_norm import batch_norm
 from normlib.layer_norm import LayerNorm
 
 NORMS = ("batch", "layer", "none")
+NOISE_FEATURES = 3  # distractor features per step in sign_of_sum_task
 
 
 class StepBatchNorm(nn.Module):
@@ -136,7 +137,7 @@ class SequenceTask:
     y: Tensor
 
 
-def sign_of_sum_task(batch: int, length: int, *, noise_features: int = 3,
+def sign_of_sum_task(batch: int, length: int, *, noise_features: int = NOISE_FEATURES,
                      generator: torch.Generator) -> SequenceTask:
     """Is the sum of feature 0 over the sequence positive? (Two classes, chance is 1/2.)
 
@@ -166,8 +167,8 @@ def train_on_lengths(norm: str, *, seed: int, min_length: int, max_length: int, 
         raise ValueError(f"need 1 <= min_length <= max_length, got {min_length} and {max_length}")
     torch.manual_seed(seed)  # the initial weights
     generator = torch.Generator().manual_seed(seed)  # lengths and data
-    probe = sign_of_sum_task(1, 1, generator=torch.Generator())
-    model = NormLSTMClassifier(probe.x.shape[-1], hidden_size, 2, norm=norm, max_steps=max_length)
+    input_size = 1 + NOISE_FEATURES  # what sign_of_sum_task generates: the signal and its distractors
+    model = NormLSTMClassifier(input_size, hidden_size, 2, norm=norm, max_steps=max_length)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     model.train()

@@ -27,7 +27,6 @@ call. The GIL is released while large tensors are processed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -42,7 +41,7 @@ import sysconfig
 import tempfile
 import warnings
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from types import ModuleType
 
@@ -268,7 +267,7 @@ def extension(name: str = "rms_norm") -> ModuleType | None:
                 version, _cpu_signature(), sys.version, include, str(openmp_runtime),
             ]).encode()
         ).hexdigest()[:16]
-        build = functools.partial(_compile, compiler, source, include, openmp_runtime)
+        build = partial(_compile, compiler, source, include, openmp_runtime)
         for directory in _library_dirs():
             try:
                 _make_private_dirs(directory)
