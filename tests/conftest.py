@@ -1,10 +1,12 @@
 """Shared test configuration.
 
-The Triton kernels are tested on the CPU through Triton's interpreter, which must be switched on
-before triton is first imported; setting it here, at collection time, does that for every test.
-A GPU run can opt out with TRITON_INTERPRET=0.
+Where no CUDA device exists, the Triton kernels are tested on CPU tensors through Triton's
+interpreter, which must be switched on before triton is first imported (``@triton.jit`` reads
+``TRITON_INTERPRET`` when a kernel is defined); setting it here, at collection time, does that for
+every test. Where CUDA exists it stays off and the kernels run compiled on the GPU. An explicit
+``TRITON_INTERPRET`` in the environment wins. See ``tests/kernel_devices.py``.
 """
 
-import os
+from kernel_devices import configure_triton
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+configure_triton()

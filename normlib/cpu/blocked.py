@@ -4,27 +4,23 @@ Used where the fused C kernels (``rms_norm.c``) cannot run: no C compiler or Pyt
 float64 inputs, or a weight whose dtype differs from the input's. It is slower than the C kernels (each step below is a
 separate pass over the block) but, unlike ``torch.nn.functional.rms_norm``, it allocates no
 full-size temporaries: every intermediate lives in a block-sized scratch buffer reused from block to
-block, and the only full-size allocations are the outputs. Measured on the course machine
-(one thread, 4096x1024, CPU time, 256 KiB blocks): forward ~0.65x (float32) and ~0.55x (bfloat16)
-the time of F.rms_norm, forward+backward ~0.45x and ~0.3x; still about twice F.layer_norm,
-because each step is a pass of its own.
+block, and the only full-size allocations are the outputs. It is still slower than
+F.layer_norm, because each step is a pass of its own (``python -m normlib.bench`` measures it when
+the C kernels are unavailable).
 
 float16 and bfloat16 inputs are computed in float32; float64 in float64.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 __all__ = ["forward", "backward"]
 
-# Bytes of one block of rows in the compute dtype. Measured (4096x1024, one thread, CPU time,
-# forward / backward): float32 64 KiB 5.8 / 16.0 ms, 256 KiB 3.1 / 6.9, 1 MiB 2.5 / 5.7,
-# 4 MiB 2.6 / 7.8; bfloat16 likewise best at 1 MiB for the backward. Small blocks pay PyTorch's
-# per-op overhead many times; large ones let the backward's buffers spill out of the L2 cache.
+# Bytes of one block of rows in the compute dtype. Small blocks pay PyTorch's per-op overhead many
+# times; large ones let the backward's buffers spill out of the L2 cache (the measurements behind
+# this choice are in results/cpu/blocked_chunk_bytes.json).
 _CHUNK_BYTES = 1024 * 1024
 
 
@@ -51,7 +47,7 @@ def forward(
     h = None if residual is None else torch.empty((rows, width), dtype=x.dtype)
     rstd = torch.empty(rows, dtype=compute)
     if rows == 0 or width == 0:
-        rstd.fill_(1.0 / math.sqrt(eps))
+        rstd.fill_(eps).rsqrt_()  # 1 / sqrt(0 + eps); eps=0 gives inf, as torch does, not an error
         return y, h, rstd
     gamma = None if weight is None else weight.reshape(width).to(compute)
     eps_tensor = torch.tensor(eps, dtype=compute)

@@ -38,11 +38,6 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 
 
-def interpreting() -> bool:
-    """True when triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def check_device(tensor: torch.Tensor, kernel: object, name: str) -> None:
     """Fail clearly where a launch would crash: a CPU tensor needs the interpreter, and the
     interpreter must have been on when the kernel was defined (``@triton.jit`` decides then)."""
