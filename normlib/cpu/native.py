@@ -4,11 +4,11 @@
 LayerNorm) share ``_kernels.h``. Each is compiled with the system C compiler the first time its op
 is used, into a cache directory keyed by everything the binary depends on (the sources, the
 flags, the compiler, the CPU, the Python version, the OpenMP runtime), and imported as
-``_rms_norm`` or ``_layer_norm``. Measured on the course machine, a first call in a fresh process
-with an empty cache took 0.7 s (rms_norm.c) and 1.0-1.2 s (layer_norm.c), and ~10 ms with a warm
-cache; torch.compile needs ~21 s and numba 3-4 s per kernel for the same job, both over the 2 s a
-notebook's first call may stall. Without a C compiler or Python's C headers, :func:`extension`
-returns None with a reason, and the callers use the pure-PyTorch fallbacks.
+``_rms_norm`` or ``_layer_norm``. A first build takes about a second and a cached load a few
+milliseconds, while torch.compile and numba take several seconds per kernel, too long for a
+notebook's first call (``results/cpu/native_build_and_threads.json`` has the measurements).
+Without a C compiler or Python's C headers, :func:`extension` returns None with a reason, and the
+callers use the pure-PyTorch fallbacks.
 
 Where. Anyone can compute the cache key, and loading a library runs its code in this process, so
 libraries are loaded and built only in a directory of the user's own that nobody else can write:
@@ -60,11 +60,10 @@ PTHREAD_FLAGS = ["-fopenmp-simd", "-pthread"]
 
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# Elements per thread, by storage type: a second thread pays off once each has this many. With
-# OpenMP a parallel region costs ~1-2 us on the course machine (2 cores, a VM); measured, median
-# us, one thread vs two, (rows, 1024) forward / backward: float32 32768 elements 6.6 vs 7.5 /
-# 10.1 vs 13.7, 65536 14.7 vs 10.0 / 23.8 vs 21.7; bfloat16 (conversions make it compute-bound
-# for longer) 8192 3.5 vs 3.1 / 7.4 vs 6.9, 16384 6.3 vs 4.2 / 11.6 vs 8.3.
+# Elements per thread, by storage type: a second thread pays off only once each has this many,
+# because an OpenMP parallel region costs about as much as a small row block; bfloat16 and float16
+# convert every element, which keeps them compute-bound longer. Measured one vs two threads:
+# results/cpu/native_build_and_threads.json.
 _ELEMENTS_PER_THREAD = {torch.float32: 1 << 15, torch.bfloat16: 1 << 13, torch.float16: 1 << 13}
 
 
