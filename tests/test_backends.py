@@ -30,6 +30,7 @@ CALLS = {
     "batch_norm": (lambda backend: normlib.batch_norm(X, None, None, W4, W4, True, backend=backend), lambda: F.batch_norm(X, None, None, W4, W4, True)),
     "group_norm": (lambda backend: normlib.group_norm(X, 2, W4, W4, backend=backend), lambda: F.group_norm(X, 2, W4, W4)),
     "instance_norm": (lambda backend: normlib.instance_norm(X, None, None, W4, W4, backend=backend), lambda: F.instance_norm(X, None, None, W4, W4)),
+    "dyt": (lambda backend: normlib.dyt(X, 0.5, W8, W8, backend=backend), lambda: W8 * torch.tanh(0.5 * X) + W8),
 }
 
 
