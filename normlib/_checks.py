@@ -19,21 +19,26 @@ import torch
 from normlib.backends import BACKENDS
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+COMPLEX_DTYPES = frozenset({torch.complex64, torch.complex128})
 
 # RMSNorm's eps=None, as torch.nn.functional.rms_norm resolves it: the machine epsilon of the dtype
 # the statistics are computed in (float32 for float16/bfloat16/float32 inputs, float64 for float64),
 # not of the input's dtype (float16's 9.8e-4 would visibly bias small rows). Looked up once because
 # it is read on every call.
 RMS_NORM_DEFAULT_EPS = {
-    dtype: torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps for dtype in FLOAT_DTYPES
+    dtype: torch.finfo(torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32).eps
+    for dtype in FLOAT_DTYPES | COMPLEX_DTYPES
 }
 
 
-def check_input(input: torch.Tensor, min_dim: int, layout: str) -> None:
-    """``input`` is a floating-point tensor with at least ``min_dim`` dimensions (``layout`` names them)."""
+def check_input(input: torch.Tensor, min_dim: int, layout: str, *, allow_complex: bool = False) -> None:
+    """``input`` is a floating-point tensor with at least ``min_dim`` dimensions (``layout`` names them).
+
+    ``allow_complex`` also admits complex64/complex128, for the ops whose torch twin takes them.
+    """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in FLOAT_DTYPES:
+    if input.dtype not in FLOAT_DTYPES and not (allow_complex and input.dtype in COMPLEX_DTYPES):
         raise TypeError(
             f"input must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got dtype {input.dtype}; convert it first, e.g. input.float()"
@@ -52,7 +57,7 @@ def check_tensor_like_input(
         return
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
-    if tensor.dtype not in FLOAT_DTYPES:
+    if tensor.dtype not in FLOAT_DTYPES and not (tensor.dtype in COMPLEX_DTYPES and input.dtype in COMPLEX_DTYPES):
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
     # is_cpu first: reading .device builds a torch.device object, twice the cost on small tensors
     if not (tensor.is_cpu and input.is_cpu) and tensor.device != input.device:
@@ -111,6 +116,11 @@ def check_normalized_shape(normalized_shape: int | Sequence[int], input: torch.T
 
 def _as_shape(normalized_shape: object) -> tuple[int, ...]:
     expected = "normalized_shape must be an int or a non-empty sequence of ints"
+    if hasattr(normalized_shape, "__index__") and not isinstance(normalized_shape, Sequence):
+        try:  # an integer of another type, e.g. np.int64(8)
+            return (operator.index(normalized_shape),)
+        except TypeError:
+            pass
     if isinstance(normalized_shape, (str, bytes)) or not isinstance(normalized_shape, Sequence):
         raise TypeError(f"{expected}, got {normalized_shape!r}")
     try:
@@ -122,7 +132,30 @@ def _as_shape(normalized_shape: object) -> tuple[int, ...]:
     return shape
 
 
+def check_size(value: object, name: str, *, positive: bool = False) -> int:
+    """A size (a Python int, or anything ``operator.index`` accepts, such as ``np.int64``) as a plain
+    int, so that what a module stores and prints is what torch's twin would; >= 0, or > 0 if
+    ``positive``."""
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}") from None
+    if size < int(positive):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} int, got {size}")
+    return size
+
+
+def as_normalized_shape(normalized_shape: object) -> tuple[int, ...]:
+    """A module's ``normalized_shape`` (an int, or a sequence of ints, NumPy integers included) as
+    the tuple of plain ints that torch's twin stores."""
+    if isinstance(normalized_shape, (str, bytes)):
+        raise TypeError(f"normalized_shape must be an int or a non-empty sequence of ints, got {normalized_shape!r}")
+    return _as_shape(normalized_shape)
+
+
 def check_eps(eps: float) -> None:
+    """eps >= 0. A deliberate difference from torch, which takes a negative eps and returns NaN
+    (or a wrong, finite answer) for rows whose variance is below -eps: here it is an error."""
     if not eps >= 0.0:  # also catches NaN
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 

@@ -15,7 +15,9 @@ then asks :func:`resolve` for the function that does the work. Implementations a
     ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how CI tests them).
 
 ``backend="auto"`` picks, for the input's device, the first backend in :data:`AUTO_ORDER` that is
-installed, supports that device and implements the op. Implementations are named by
+installed, supports that device and implements the op; an input dtype that backend would compute
+less precisely (float64 on the float32 Triton kernels) goes to PyTorch instead, and naming such a
+backend explicitly for it is an error. Implementations are named by
 ``"module:function"`` strings and imported on first use, so ``import normlib`` never imports
 triton and works on any machine.
 """
@@ -69,6 +71,20 @@ def _always(*_args) -> None:
     return None
 
 
+# The Triton kernels hold their statistics and arithmetic in float32: a float64 input would be
+# computed to float32's precision and returned as float64 that looks exact but is not.
+TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def _triton_dtype(dtype: torch.dtype) -> str | None:
+    if dtype in TRITON_DTYPES:
+        return None
+    return (
+        f"the 'triton' kernels compute in float32 and take float16, bfloat16 or float32 input, "
+        f"got {dtype}; use backend='torch' (backend='auto' sends {dtype} there)"
+    )
+
+
 @dataclass(frozen=True)
 class Backend:
     """A family of implementations and the conditions under which it can run.
@@ -80,12 +96,16 @@ class Backend:
     name: str
     unavailable_reason: Callable[[], str | None]
     unsupported_device_reason: Callable[[torch.device], str | None]
+    # The input dtypes the backend computes exactly as documented; None: every dtype the public op
+    # accepts. "auto" sends the others to PyTorch, and the backend's entries refuse them.
+    dtypes: frozenset[torch.dtype] | None = None
+    unsupported_dtype_reason: Callable[[torch.dtype], str | None] = _always
 
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", _always, _always),
     "cpu": Backend("cpu", _cpu_available, _cpu_device),
-    "triton": Backend("triton", _triton_installed, _triton_device),
+    "triton": Backend("triton", _triton_installed, _triton_device, TRITON_DTYPES, _triton_dtype),
 }
 
 # op -> backend -> "module:function". Each function takes the op's arguments positionally, in the
@@ -114,6 +134,10 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "torch": "normlib.rms_norm:add_rms_norm_torch",
         "cpu": "normlib.cpu:add_rms_norm_cpu",
         "triton": "normlib.kernels.rms_norm:add_rms_norm_triton",
+    },
+    "dyt": {
+        "torch": "normlib.dyt:dyt_torch",
+        "triton": "normlib.kernels.dyt:dyt_triton",
     },
 }
 
@@ -178,6 +202,18 @@ def available_backends(op: str | None = None, device: torch.device | str | None 
     return found
 
 
+def _by_dtype(function: Callable, dtypes: frozenset[torch.dtype], fallback: Callable) -> Callable:
+    """``function`` for inputs of ``dtypes``, ``fallback`` (PyTorch's) for the rest: what "auto"
+    runs when its first choice computes some dtypes less precisely than they promise."""
+
+    def run(input: torch.Tensor, *args):
+        return (function if input.dtype in dtypes else fallback)(input, *args)
+
+    run.__name__ = f"{function.__name__}_or_torch"
+    run.__wrapped__ = function
+    return run
+
+
 def resolve(op: str, backend: str, device: torch.device) -> Callable:
     """The function that runs ``op`` with ``backend`` on a tensor on ``device``.
 
@@ -191,7 +227,10 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
         # What "auto" picks depends only on the op and the device (no backend in AUTO_ORDER
         # depends on Triton's interpreter), so it is worked out once per (op, device).
         name = next((n for n in AUTO_ORDER.get(device.type, ()) if _why_not(op, n, device) is None), "torch")
-        function = _RESOLVED[(op, backend, device)] = _load(IMPLEMENTATIONS[op][name])
+        function = _load(IMPLEMENTATIONS[op][name])
+        if BACKENDS[name].dtypes is not None:
+            function = _by_dtype(function, BACKENDS[name].dtypes, _load(IMPLEMENTATIONS[op]["torch"]))
+        _RESOLVED[(op, backend, device)] = function
         return function
     if backend not in BACKENDS:
         raise ValueError(

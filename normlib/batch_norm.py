@@ -1,6 +1,6 @@
 """Batch normalization (Ioffe & Szegedy, 2015): statistics per channel, shared across the batch.
 
-For an input of shape (N, C, *spatial) -- (N, C), (N, C, L) or (N, C, H, W) -- each channel c is
+For an input of shape (N, C, *spatial) -- (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) -- each channel c is
 standardized with the mean and variance of all its N * prod(spatial) values, then scaled and
 shifted by a learned per-channel weight (gamma) and bias (beta). Because the statistics depend on
 the other samples in the batch, training and evaluation differ: in training the batch's own
@@ -8,7 +8,11 @@ statistics are used and folded into running estimates; in evaluation the running
 
 This file holds, in reading order: the NumPy reference (forward and backward), the functional op
 ``batch_norm`` (``torch.nn.functional.batch_norm``'s signature plus ``backend``) and the modules
-``BatchNorm1d`` / ``BatchNorm2d`` (drop-ins for their ``torch.nn`` twins).
+``BatchNorm1d`` / ``BatchNorm2d`` / ``BatchNorm3d`` and their lazy variants ``LazyBatchNorm1d`` /
+``2d`` / ``3d``, which read num_features from the first input (drop-ins for their ``torch.nn`` twins).
+
+One deliberate difference from torch, shared by every normlib norm: a negative ``eps`` is a
+ValueError, where torch computes with it and returns NaN for channels whose variance is below -eps.
 """
 
 from __future__ import annotations
@@ -19,9 +23,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from normlib._affine import register_affine, reset_affine
-from normlib._checks import check_backend_name, check_eps, check_input, check_running_stats, check_tensor_like_input
+from normlib._autograd import scriptable_twin
+from normlib._checks import (
+    check_backend_name,
+    check_eps,
+    check_input,
+    check_running_stats,
+    check_size,
+    check_tensor_like_input,
+)
 from normlib.backends import resolve
 
 __all__ = [
@@ -32,6 +46,10 @@ __all__ = [
     "batch_norm_torch",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
 ]
 
 
@@ -186,8 +204,13 @@ def batch_norm(
     Same arguments and behaviour as :func:`torch.nn.functional.batch_norm`: in training the batch
     statistics normalize and, when given, ``running_mean``/``running_var`` are updated in place
     with weight ``momentum`` on the new batch; otherwise the running statistics normalize.
-    ``backend`` picks the implementation (see :mod:`normlib.backends`).
+    ``backend`` picks the implementation (see :mod:`normlib.backends`). ``eps`` must be >= 0: a
+    negative one is a ValueError here (torch would return NaN), a deliberate difference.
     """
+    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
+        # torch takes an empty 1-D input (with empty running statistics) and returns it: there is no
+        # channel axis to check, and nothing to normalize or to update.
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_input(input, 2, "(N, C, *spatial)")
     channels = (input.shape[1],)
     check_running_stats(running_mean, running_var, input, use_batch_stats=training)
@@ -243,6 +266,7 @@ class _NormBase(nn.Module):
     """
 
     _version = 2  # torch's _NormBase version: its state_dicts carry num_batches_tracked
+    _torch_twin: type[nn.Module] | None = None  # what torch.jit.script compiles instead
 
     def __init__(
         self,
@@ -259,6 +283,7 @@ class _NormBase(nn.Module):
     ) -> None:
         super().__init__()
         check_backend_name(backend)
+        num_features = check_size(num_features, "num_features")
         factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -289,6 +314,38 @@ class _NormBase(nn.Module):
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles the torch.nn twin holding these parameters and buffers (see
+        normlib._autograd): TorchScript cannot compile normlib's dispatch to backends."""
+        if self._torch_twin is None:
+            raise RuntimeError(
+                f"torch.jit.script cannot compile {type(self).__name__}: TorchScript cannot compile "
+                f"normlib's dispatch to backends, and there is no scriptable torch.nn twin to compile "
+                f"instead; use torch.jit.trace or torch.compile"
+            )
+        twin = self._torch_twin(
+            self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
+            device="meta", bias=self.bias is not None or not self.affine,
+        )
+        return scriptable_twin(self, twin)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # As torch's _NormBase: a state_dict saved before num_batches_tracked existed (version None
+        # or 1) loads, strictly too, with the counter kept as it is (0 for a new module).
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                tracked = self.num_batches_tracked
+                state_dict[key] = (
+                    tracked if tracked is not None and tracked.device.type != "meta" else torch.tensor(0, dtype=torch.long)
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         text = (
@@ -330,6 +387,8 @@ class _BatchNorm(_NormBase):
 class BatchNorm1d(_BatchNorm):
     """Batch normalization for (N, C) features or (N, C, L) sequences; a drop-in for nn.BatchNorm1d."""
 
+    _torch_twin = nn.BatchNorm1d
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (2, 3):
             raise ValueError(
@@ -341,9 +400,93 @@ class BatchNorm1d(_BatchNorm):
 class BatchNorm2d(_BatchNorm):
     """Batch normalization for (N, C, H, W) feature maps; a drop-in for nn.BatchNorm2d."""
 
+    _torch_twin = nn.BatchNorm2d
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(
                 f"BatchNorm2d expects input of shape (N, C, H, W), got a {input.dim()}-D input "
                 f"of shape {tuple(input.shape)}"
             )
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization for (N, C, D, H, W) volumes; a drop-in for nn.BatchNorm3d."""
+
+    _torch_twin = nn.BatchNorm3d
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(
+                f"BatchNorm3d expects input of shape (N, C, D, H, W), got a {input.dim()}-D input "
+                f"of shape {tuple(input.shape)}"
+            )
+
+
+class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
+    """A BatchNorm whose num_features is read from the first input, as torch.nn.LazyBatchNorm*d.
+
+    Mirrors ``torch.nn.modules.batchnorm._LazyNormBase``: parameters and running statistics start
+    uninitialized and take shape (C,) at the first forward, after which the module turns into
+    its ``cls_to_become`` (normlib.BatchNorm1d/2d/3d).
+    """
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        # affine and track_running_stats off here, so that no tensor is made only to be replaced
+        super().__init__(0, eps, momentum, False, False, device, dtype, bias=False, backend=backend)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory_kwargs)
+            if bias:
+                self.bias = UninitializedParameter(**factory_kwargs)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory_kwargs)
+            self.running_var = UninitializedBuffer(**factory_kwargs)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: Tensor) -> None:
+        if self.has_uninitialized_params():
+            self.num_features = input.shape[1]
+            if self.affine:
+                self.weight.materialize((self.num_features,))
+                if self.bias is not None:
+                    self.bias.materialize((self.num_features,))
+            if self.track_running_stats:
+                self.running_mean.materialize((self.num_features,))
+                self.running_var.materialize((self.num_features,))
+            self.reset_parameters()
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    """BatchNorm1d with num_features read from the first input; a drop-in for nn.LazyBatchNorm1d."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    """BatchNorm2d with num_features read from the first input; a drop-in for nn.LazyBatchNorm2d."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    """BatchNorm3d with num_features read from the first input; a drop-in for nn.LazyBatchNorm3d."""
+
+    cls_to_become = BatchNorm3d

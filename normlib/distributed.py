@@ -192,6 +192,26 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
+def _first_derivative_only(backward):
+    """``backward``, refusing to run when a graph of it is being recorded (create_graph=True, as a
+    gradient penalty needs): the one above treats the global mean and rstd as constants and
+    all-reduces outside autograd, so a graph of it would give a wrong second derivative."""
+
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "SyncBatchNorm with more than one process does not support double backward "
+                "(backward with create_graph=True, e.g. a gradient penalty); use create_graph=False, "
+                "or BatchNorm on one process"
+            )
+        return backward(ctx, *grads)
+
+    return staticmethod(checked)
+
+
+_SyncBatchNormFunction.backward = _first_derivative_only(_SyncBatchNormFunction.backward)
+
+
 # ----------------------------------------------------------------------------------------------
 # Functional op
 # ----------------------------------------------------------------------------------------------
@@ -296,10 +316,11 @@ class SyncBatchNorm(_BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, backend=backend
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, backend=backend
         )
         self.process_group = process_group
 
@@ -379,11 +400,6 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
                 f"cannot convert an uninitialized {type(module).__name__}: run one batch through the "
                 f"model first so that the lazy layer knows its num_features"
             )
-        if module.affine and module.bias is None:
-            raise ValueError(
-                f"cannot convert {type(module).__name__}(bias=False): normlib.SyncBatchNorm always "
-                f"has a bias when affine=True"
-            )
         reference = module.weight if module.affine else module.running_mean
         converted = SyncBatchNorm(
             module.num_features,
@@ -394,6 +410,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
             process_group,
             device=None if reference is None else reference.device,
             dtype=None if reference is None else reference.dtype,
+            bias=module.bias is not None,
             backend=getattr(module, "backend", "auto"),
         )
         _copy_batch_norm_state(module, converted)
@@ -426,6 +443,7 @@ def revert_sync_batchnorm(module: nn.Module, default: type[nn.Module] | None = N
             module.track_running_stats,
             device=None if reference is None else reference.device,
             dtype=None if reference is None else reference.dtype,
+            bias=module.bias is not None,
         )
         _copy_batch_norm_state(module, reverted)
     for name, child in module.named_children():

@@ -9,7 +9,8 @@ InstanceNorm (with affine parameters).
 
 This file holds, in reading order: the NumPy reference (forward and backward), the functional op
 ``group_norm`` (``torch.nn.functional.group_norm``'s signature plus ``backend``) and the module
-``GroupNorm`` (a drop-in for ``torch.nn.GroupNorm``).
+``GroupNorm`` (a drop-in for ``torch.nn.GroupNorm``). A negative ``eps`` is a ValueError, where
+torch would return NaN: a deliberate difference, as in every normlib norm.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlib._affine import register_affine, reset_affine
-from normlib._checks import check_backend_name, check_eps, check_input, check_tensor_like_input
+from normlib._autograd import scriptable_twin
+from normlib._checks import check_backend_name, check_eps, check_input, check_size, check_tensor_like_input
 from normlib.backends import resolve
 from normlib.layer_norm import LayerNormCache, layer_norm_reference_backward
 
@@ -191,6 +193,8 @@ class GroupNorm(nn.Module):
     ) -> None:
         super().__init__()
         check_backend_name(backend)
+        num_groups = check_size(num_groups, "num_groups", positive=True)
+        num_channels = check_size(num_channels, "num_channels")
         if num_channels % num_groups != 0:
             raise ValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -207,6 +211,13 @@ class GroupNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles torch.nn.GroupNorm holding these parameters (see normlib._autograd)."""
+        twin = nn.GroupNorm(
+            self.num_groups, self.num_channels, self.eps, self.affine, bias=self.bias is not None, device="meta"
+        )
+        return scriptable_twin(self, twin)
 
     def extra_repr(self) -> str:
         text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}"

@@ -7,7 +7,8 @@ with one channel per group, and by default has neither affine parameters nor run
 
 This file holds, in reading order: the NumPy reference (forward and backward), the functional op
 ``instance_norm`` (``torch.nn.functional.instance_norm``'s signature plus ``backend``) and the
-modules ``InstanceNorm1d`` / ``InstanceNorm2d`` (drop-ins for their ``torch.nn`` twins).
+modules ``InstanceNorm1d`` / ``InstanceNorm2d`` / ``InstanceNorm3d`` (drop-ins for their ``torch.nn``
+twins). A negative ``eps`` is a ValueError, where torch would return NaN: a deliberate difference.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from normlib._checks import check_eps, check_input, check_running_stats, check_tensor_like_input
 from normlib.backends import resolve
@@ -34,6 +35,7 @@ __all__ = [
     "instance_norm_torch",
     "InstanceNorm1d",
     "InstanceNorm2d",
+    "InstanceNorm3d",
 ]
 
 
@@ -260,6 +262,7 @@ class InstanceNorm1d(_InstanceNorm):
     """Instance normalization for (N, C, L) or unbatched (C, L) input; a drop-in for nn.InstanceNorm1d."""
 
     _no_batch_dim = 2
+    _torch_twin = nn.InstanceNorm1d
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (2, 3):
@@ -273,10 +276,25 @@ class InstanceNorm2d(_InstanceNorm):
     """Instance normalization for (N, C, H, W) or unbatched (C, H, W) input; a drop-in for nn.InstanceNorm2d."""
 
     _no_batch_dim = 3
+    _torch_twin = nn.InstanceNorm2d
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (3, 4):
             raise ValueError(
                 f"InstanceNorm2d expects input of shape (N, C, H, W) or (C, H, W), got a "
+                f"{input.dim()}-D input of shape {tuple(input.shape)}"
+            )
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance normalization for (N, C, D, H, W) or unbatched (C, D, H, W) input; a drop-in for nn.InstanceNorm3d."""
+
+    _no_batch_dim = 4
+    _torch_twin = nn.InstanceNorm3d
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (4, 5):
+            raise ValueError(
+                f"InstanceNorm3d expects input of shape (N, C, D, H, W) or (C, D, H, W), got a "
                 f"{input.dim()}-D input of shape {tuple(input.shape)}"
             )

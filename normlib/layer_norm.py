@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlib._affine import register_affine, reset_affine
+from normlib._autograd import scriptable_twin
 from normlib._checks import (
+    as_normalized_shape,
     check_backend_name,
     check_eps,
     check_input,
     check_normalized_shape,
     check_residual,
+    check_size,
     check_tensor_like_input,
 )
 from normlib.backends import resolve
@@ -190,6 +193,8 @@ def layer_norm(
 
     Same arguments and result as :func:`torch.nn.functional.layer_norm`; ``backend`` picks the
     implementation (see :mod:`normlib.backends`), which receives ``normalized_shape`` as a tuple.
+    One deliberate difference: a negative ``eps`` is a ValueError, where torch returns NaN for rows
+    whose variance is below -eps.
     """
     check_input(input, 1, "(*, *normalized_shape)")
     shape = check_normalized_shape(normalized_shape, input)
@@ -272,9 +277,7 @@ class LayerNorm(nn.Module):
         super().__init__()
         check_backend_name(backend)
         factory_kwargs = {"device": device, "dtype": dtype}
-        if isinstance(normalized_shape, int):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
+        self.normalized_shape = as_normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.backend = backend
@@ -286,6 +289,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles torch.nn.LayerNorm holding these parameters (see normlib._autograd)."""
+        twin = nn.LayerNorm(self.normalized_shape, self.eps, self.elementwise_affine, bias=self.bias is not None, device="meta")
+        return scriptable_twin(self, twin)
 
     def extra_repr(self) -> str:
         text = (
@@ -318,7 +326,7 @@ class LayerNorm2d(nn.Module):
         super().__init__()
         check_backend_name(backend)
         factory_kwargs = {"device": device, "dtype": dtype}
-        self.num_channels = num_channels
+        self.num_channels = num_channels = check_size(num_channels, "num_channels")
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.backend = backend
@@ -337,6 +345,12 @@ class LayerNorm2d(nn.Module):
         channels_last = input.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
         y = layer_norm(channels_last, (self.num_channels,), self.weight, self.bias, self.eps, backend=self.backend)
         return y.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(
+            "torch.jit.script cannot compile LayerNorm2d: it has no torch.nn twin, and TorchScript cannot "
+            "compile normlib's dispatch to backends; use torch.jit.trace or torch.compile"
+        )
 
     def extra_repr(self) -> str:
         text = (

@@ -120,6 +120,34 @@ def test_group_norm_channels_not_divisible_by_groups():
         normlib.GroupNorm(3, 8)
 
 
+def test_module_sizes_must_be_integers():
+    """Any integer type is a size (NumPy's too, as in torch); a float or a negative one is not."""
+    with pytest.raises(TypeError, match="num_features must be an int, got 2.5"):
+        normlib.BatchNorm1d(2.5)
+    with pytest.raises(ValueError, match="num_features must be a non-negative int, got -1"):
+        normlib.InstanceNorm1d(-1)
+    with pytest.raises(TypeError, match="num_groups must be an int"):
+        normlib.GroupNorm(2.0, 6)
+    with pytest.raises(ValueError, match="num_groups must be a positive int, got 0"):
+        normlib.GroupNorm(0, 6)
+    with pytest.raises(TypeError, match="num_channels must be an int"):
+        normlib.LayerNorm2d("8")
+    with pytest.raises(TypeError, match="normalized_shape must be an int or a non-empty sequence of ints"):
+        normlib.LayerNorm("8")
+    with pytest.raises(TypeError, match="normalized_shape must be an int or a non-empty sequence of ints"):
+        normlib.RMSNorm([4.0])
+
+
+def test_triton_backend_refuses_what_its_float32_kernels_cannot_compute_exactly():
+    if "triton" not in normlib.available_backends("layer_norm", "cpu"):
+        pytest.skip("triton does not run on this machine's CPU (TRITON_INTERPRET is off)")
+    for dtype in (torch.float64, torch.complex64):
+        with pytest.raises(TypeError, match=f"backend='triton' cannot run this input: .*got {dtype}"):
+            normlib.rms_norm(torch.randn(2, 5, dtype=dtype), 5, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        normlib.add_layer_norm(X.double(), X.double(), 5, backend="triton")
+
+
 def test_batch_norm_training_with_one_value_per_channel():
     message = "more than one value per channel"
     with pytest.raises(ValueError, match=message):

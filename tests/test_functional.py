@@ -8,6 +8,8 @@ gradcheck in float64, fp32 stability on inputs with a large mean, empty batches 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -317,3 +319,58 @@ def test_constant_rows_give_the_bias_not_nan():
     zeros = torch.zeros(2, 5)
     torch.testing.assert_close(normlib.rms_norm(zeros, (5,)), F.rms_norm(zeros, (5,)))
     assert torch.isfinite(normlib.rms_norm(zeros, (5,))).all()
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm"])
+def test_auto_never_sends_float64_to_the_float32_triton_kernels(op, monkeypatch):
+    """Where "auto" picks Triton (CUDA), float64 input goes to PyTorch instead, and naming
+    backend="triton" for it is an error; float32 still reaches the kernels."""
+    from normlib import backends
+
+    if "triton" not in normlib.available_backends(op, "cpu"):
+        pytest.skip("triton does not run on this machine's CPU (TRITON_INTERPRET is off)")
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
+    monkeypatch.setattr(backends, "_RESOLVED", {})
+    function = getattr(normlib, op)
+    x = torch.randn(3, 8, dtype=torch.float64) * 5 + 3
+    residual = (torch.randn(3, 8, dtype=torch.float64),) if op.startswith("add_") else ()
+    out = function(x, *residual, 8)
+    expected = function(x, *residual, 8, backend="torch")
+    for mine, torchs in zip(out if isinstance(out, tuple) else (out,), expected if isinstance(expected, tuple) else (expected,)):
+        assert mine.dtype == torch.float64
+        torch.testing.assert_close(mine, torchs, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="float64"):
+        function(x, *residual, 8, backend="triton")
+    fired = []
+    kernel_module = importlib.import_module(f"normlib.kernels.{op.removeprefix('add_')}")
+    fused = "_rms_norm_fwd_op" if "rms" in op else "_layer_norm_fwd_op"
+    original = getattr(kernel_module, fused)
+    monkeypatch.setattr(kernel_module, fused, lambda *args: fired.append(1) or original(*args))
+    function(x.float(), *(r.float() for r in residual), 8)
+    assert fired, "auto should still send float32 to the Triton kernels"
+
+
+@pytest.mark.parametrize("backend", normlib.available_backends("rms_norm", "cpu"))
+def test_complex_rms_norm_matches_torch(backend):
+    """torch.nn.functional.rms_norm takes complex input (|x|^2 in the mean); normlib computes it
+    with PyTorch's op on every backend that can (the fused kernels are real-valued) and the Triton
+    backend refuses it."""
+    x = torch.randn(4, 6, dtype=torch.complex128, requires_grad=True)
+    weight = torch.rand(6, dtype=torch.float64) + 0.5
+    if backend == "triton":
+        with pytest.raises(TypeError, match="complex128"):
+            normlib.rms_norm(x, 6, weight, backend=backend)
+        return
+    ours = normlib.rms_norm(x, 6, weight, backend=backend)
+    theirs = F.rms_norm(x, (6,), weight, eps=torch.finfo(torch.float64).eps)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    (grad_ours,) = torch.autograd.grad(ours.abs().sum(), x)
+    (grad_theirs,) = torch.autograd.grad(theirs.abs().sum(), x)
+    torch.testing.assert_close(grad_ours, grad_theirs)
+
+
+def test_batch_norm_takes_an_empty_one_dimensional_input_like_torch():
+    empty = torch.randn(0)
+    for training in (False, True):
+        out = normlib.batch_norm(empty, torch.empty(0), torch.empty(0), training=training)
+        assert out.shape == F.batch_norm(empty, torch.empty(0), torch.empty(0), training=training).shape == (0,)

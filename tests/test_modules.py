@@ -42,6 +42,10 @@ MODULE_CASES = {
     "InstanceNorm2d-affine-no-bias": ("InstanceNorm2d", (6,), {"affine": True, "bias": False}, (3, 6, 4, 5)),
     "InstanceNorm2d-tracked-cumulative": ("InstanceNorm2d", (6,), {"track_running_stats": True, "momentum": None}, (3, 6, 4, 5)),
     "InstanceNorm2d-unbatched": ("InstanceNorm2d", (6,), {"track_running_stats": True, "momentum": 0.3}, (6, 4, 5)),
+    "BatchNorm3d": ("BatchNorm3d", (4,), {"momentum": 0.2}, (2, 4, 3, 2, 3)),
+    "BatchNorm3d-no-bias": ("BatchNorm3d", (4,), {"bias": False}, (2, 4, 3, 2, 3)),
+    "InstanceNorm3d-tracked-affine": ("InstanceNorm3d", (4,), {"affine": True, "track_running_stats": True}, (2, 4, 3, 2, 3)),
+    "InstanceNorm3d-unbatched": ("InstanceNorm3d", (4,), {}, (4, 3, 2, 3)),
 }
 
 
@@ -233,3 +237,56 @@ def test_layer_norm_2d_state_dict_round_trip_with_torch_layer_norm():
     assert torch.equal(ours.weight, theirs.weight) and ours.bias is None
     nn.LayerNorm(6, bias=False).load_state_dict(ours.state_dict())
     assert list(normlib.LayerNorm2d(6, elementwise_affine=False).state_dict()) == []
+
+
+def test_sync_batch_norm_takes_bias_like_torch():
+    """torch.nn.SyncBatchNorm(..., bias=False) has a weight and no bias; so has normlib's, and
+    converting a BatchNorm without bias keeps it without one."""
+    ours, theirs = normlib.SyncBatchNorm(5, bias=False), nn.SyncBatchNorm(5, bias=False)
+    assert ours.bias is None and ours.weight is not None
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    model = nn.Sequential(nn.Conv2d(2, 5, 1), nn.BatchNorm2d(5, bias=False))
+    converted = normlib.convert_sync_batchnorm(model)
+    assert isinstance(converted[1], normlib.SyncBatchNorm) and converted[1].bias is None
+    x = torch.randn(4, 2, 3, 3)
+    torch.testing.assert_close(converted(x), nn.Sequential(model[0], nn.BatchNorm2d(5, bias=False))(x))
+
+
+@pytest.mark.timeout(60)
+def test_sync_batch_norm_refuses_double_backward():
+    """Its backward all-reduces outside autograd: a graph of it would be wrong, so create_graph=True
+    is an error rather than a silently wrong second derivative."""
+    import torch.distributed as dist
+
+    from normlib.distributed import _SyncBatchNormFunction
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        x = torch.randn(4, 3, 2, requires_grad=True)
+        weight = torch.ones(3, requires_grad=True)
+        y, _, _, _ = _SyncBatchNormFunction.apply(x, weight, None, 1e-5, None)
+        (dx,) = torch.autograd.grad(y.pow(2).sum(), x)  # first derivatives work
+        assert dx.shape == x.shape
+        y, _, _, _ = _SyncBatchNormFunction.apply(x, weight, None, 1e-5, None)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"affine": False, "track_running_stats": False}, {"momentum": None}])
+def test_lazy_batch_norm_becomes_batch_norm_like_torch(dims, kwargs):
+    """LazyBatchNorm{1,2,3}d read C from the first input and turn into normlib.BatchNorm{1,2,3}d,
+    with torch's repr, state_dict and outputs along the way."""
+    ours, theirs = getattr(normlib, f"LazyBatchNorm{dims}d")(**kwargs), getattr(nn, f"LazyBatchNorm{dims}d")(**kwargs)
+    assert repr(ours) == repr(theirs)
+    shape = (4, 3) + (2,) * dims if dims > 1 else (4, 3, 5)
+    for seed in range(2):
+        x = randn(shape, seed=seed)
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert type(ours) is getattr(normlib, f"BatchNorm{dims}d")
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)

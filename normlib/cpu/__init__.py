@@ -31,13 +31,17 @@ How the means were chosen, by measurement on the course machine (2 cores, torch 
   against F.layer_norm and F.rms_norm for every size the CPU-path issue names.
 * On small tensors the kernel takes a few hundred nanoseconds and the rest is overhead, so the
   per-call Python path is kept short: a Python extension (~0.3 us a call) rather than ctypes
-  (~1.1 us), no saved statistics (one allocation less), once_differentiable only when a graph of
-  the backward is being built, and no reshaping for contiguous 2-D input. PyTorch's own LayerNorm
-  call takes ~3 us there; normlib's checked, dispatched RMSNorm ~4 us.
+  (~1.1 us), no saved statistics (one allocation less), the differentiable recomputation only
+  when a graph of the backward is being built, and no reshaping for contiguous 2-D input.
+  PyTorch's own LayerNorm call takes ~3 us there; normlib's checked, dispatched RMSNorm ~4 us.
 
 All ops here take their arguments already checked by the public op (normlib/rms_norm.py,
-normlib/layer_norm.py), support autograd (first derivatives), any leading shape and
-non-contiguous inputs (copied to contiguous rows first).
+normlib/layer_norm.py), support any leading shape and non-contiguous inputs (copied to contiguous
+rows first), and autograd to any order: the first derivative runs in the C kernels, and a backward
+with ``create_graph=True`` (double backward: gradient penalties, Hessian-vector products)
+recomputes the forward with PyTorch's ops and differentiates that, so higher derivatives are
+PyTorch's own. Where the C kernels cannot take part (torch.func's transforms, torch.jit.trace,
+complex input) the ops run PyTorch's composite instead; :mod:`normlib._autograd` says why.
 """
 
 from __future__ import annotations
@@ -46,9 +50,18 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
+from normlib._autograd import (
+    add_layer_norm_composite as _add_layer_norm_composite,
+    add_norm_double_backward as _add_norm_double_backward,
+    add_rms_norm_composite as _add_rms_norm_composite,
+    double_backward as _double_backward,
+    rms_norm_composite as _rms_norm_composite,
+    torch_ops_only as _torch_ops_only,
+)
 from normlib._checks import RMS_NORM_DEFAULT_EPS
 from normlib.cpu import blocked, native
 
@@ -155,10 +168,9 @@ def _rms_norm_forward(
 def _rms_backward(
     ctx: FunctionCtx, dy: Tensor, dh: Tensor | None, needs_dx: bool, needs_dweight: bool
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Returns ``(dx, dweight)`` shaped like the input and the weight."""
-    if torch.is_grad_enabled():  # create_graph=True: mark the results as not differentiable again
-        return _rms_backward_once(ctx, dy, dh, needs_dx, needs_dweight)
-    x, weight, rstd = ctx.saved_tensors
+    """Returns ``(dx, dweight)`` shaped like the input and the weight (first derivatives only:
+    the Functions' backward takes :func:`_double_backward` when create_graph=True)."""
+    x, weight, rstd = ctx.saved_tensors[:3]
     rows, width = x.shape
     dy_rows, dh_rows = _as_rows(dy, rows, width), _as_rows(dh, rows, width)
     needs_dweight = needs_dweight and weight is not None
@@ -178,12 +190,6 @@ def _rms_backward(
     return dx, dweight
 
 
-# once_differentiable costs ~4 us per backward, an eighth of a small tensor's whole forward and
-# backward; it is needed only when the backward itself is recorded (create_graph=True), so only
-# then does _rms_backward take this wrapped copy, whose results raise if differentiated again.
-_rms_backward_once = once_differentiable(_rms_backward)
-
-
 class _RMSNormFunction(torch.autograd.Function):
     """y = rms_norm(x) as one graph node."""
 
@@ -192,13 +198,20 @@ class _RMSNormFunction(torch.autograd.Function):
         ctx: FunctionCtx, input: Tensor, weight: Tensor | None, shape: tuple[int, ...], eps: float
     ) -> Tensor:
         y, x, rstd = _rms_norm_forward(input, weight, shape, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.eps = eps
+        # input itself too (no copy): a double backward recomputes from it (see _double_backward)
+        ctx.save_for_backward(x, weight, rstd, input)
+        ctx.eps, ctx.shape = eps, shape
         return y
 
     @staticmethod
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True
+            _, weight, _, input = ctx.saved_tensors
+            dx, dweight = _double_backward(
+                lambda i, w: _rms_norm_composite(i, w, ctx.shape, ctx.eps), (input, weight), (dy,), needs[:2]
+            )
+            return dx, dweight, None, None
         dx, dweight = _rms_backward(ctx, dy, None, needs[0], needs[1])
         return dx, dweight, None, None
 
@@ -217,15 +230,22 @@ class _AddRMSNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to add
         y, h, h_rows, rstd = _rms_forward(input, residual, weight, shape, eps)
-        ctx.save_for_backward(h_rows, weight, rstd)
-        ctx.eps = eps
+        # the output h itself too (h_rows may be its base): a double backward differentiates at it
+        ctx.save_for_backward(h_rows, weight, rstd, h)
+        ctx.eps, ctx.shape = eps, shape
         return y, h
 
     @staticmethod
     def backward(ctx: FunctionCtx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True
+            _, weight, _, h = ctx.saved_tensors
+            dx, (dweight,) = _add_norm_double_backward(
+                lambda h_, w: _rms_norm_composite(h_, w, ctx.shape, ctx.eps)[0], h, (weight,), dy, dh, (needs[2],)
+            )
+            return dx, dx, dweight, None, None
         if dy is None:  # only h was used downstream: the norm contributes nothing
             return dh, dh, None, None, None
-        needs = ctx.needs_input_grad
         dx, dweight = _rms_backward(ctx, dy, dh, needs[0] or needs[1], needs[2])
         # h = input + residual: both receive dL/dh unchanged (autograd copies before accumulating)
         return dx, dx, dweight, None, None
@@ -240,6 +260,8 @@ def rms_norm_cpu(
     """The "cpu" backend of :func:`normlib.rms_norm`; ``eps=None`` is torch's default (see normlib._checks)."""
     if eps is None:
         eps = RMS_NORM_DEFAULT_EPS[input.dtype]
+    if _torch_ops_only(input):
+        return _rms_norm_composite(input, weight, normalized_shape, eps)[0]
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)):
         return _RMSNormFunction.apply(input, weight, normalized_shape, eps)
     return _rms_norm_forward(input, weight, normalized_shape, eps)[0]
@@ -255,6 +277,8 @@ def add_rms_norm_cpu(
     """The "cpu" backend of :func:`normlib.add_rms_norm`: ``(rms_norm(h), h)`` with h = input + residual."""
     if eps is None:
         eps = RMS_NORM_DEFAULT_EPS[input.dtype]
+    if _torch_ops_only(input):
+        return _add_rms_norm_composite(input, residual, weight, normalized_shape, eps)
     if _needs_autograd(input, residual, weight):
         return _AddRMSNormFunction.apply(input, residual, weight, normalized_shape, eps)
     y, h, _, _ = _rms_forward(input, residual, weight, normalized_shape, eps)
@@ -290,12 +314,24 @@ def _fused_add_layer_norm(
     return y, h, h
 
 
+def _add_layer_norm_double_backward(
+    ctx: FunctionCtx, dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """create_graph=True: see :func:`normlib._autograd.add_norm_double_backward`."""
+    dx, (dweight, dbias) = _add_norm_double_backward(
+        lambda h_, w, b: F.layer_norm(h_, ctx.shape, w, b, ctx.eps), h, (weight, bias), dy, dh,
+        ctx.needs_input_grad[2:4],
+    )
+    return dx, dx, dweight, dbias, None, None
+
+
 def _fused_add_layer_norm_backward(ctx: FunctionCtx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
-    if torch.is_grad_enabled():  # create_graph=True: mark the results as not differentiable again
-        return _fused_add_layer_norm_backward_once(ctx, dy, dh)
+    if torch.is_grad_enabled():  # create_graph=True
+        _, weight, bias, h = ctx.saved_tensors
+        return _add_layer_norm_double_backward(ctx, dy, dh, h, weight, bias)
     if dy is None:  # only h was used downstream: the norm contributes nothing
         return dh, dh, None, None, None, None
-    h, weight, bias = ctx.saved_tensors
+    h, weight, bias = ctx.saved_tensors[:3]
     rows, width = h.shape
     needs = ctx.needs_input_grad
     needs_parameters = (weight is not None and needs[2]) or (bias is not None and needs[3])
@@ -309,9 +345,6 @@ def _fused_add_layer_norm_backward(ctx: FunctionCtx, dy: Tensor | None, dh: Tens
     dbias = dbias.view(bias.shape) if bias is not None and needs[3] else None
     # h = input + residual: both receive the same gradient (autograd copies before accumulating)
     return dx, dx, dweight, dbias, None, None
-
-
-_fused_add_layer_norm_backward_once = once_differentiable(_fused_add_layer_norm_backward)
 
 
 class _FusedAddLayerNormFunction(torch.autograd.Function):
@@ -329,8 +362,8 @@ class _FusedAddLayerNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         y, h, h_rows = _fused_add_layer_norm(input, residual, weight, bias, shape, eps)
-        ctx.save_for_backward(h_rows, weight, bias)
-        ctx.eps = eps
+        ctx.save_for_backward(h_rows, weight, bias, h)  # h itself too, for a double backward
+        ctx.eps, ctx.shape = eps, shape
         return y, h
 
     backward = staticmethod(_fused_add_layer_norm_backward)
@@ -359,15 +392,16 @@ class _AddLayerNormFunction(torch.autograd.Function):
         h = _add_contiguous(input, residual)
         y, mean, rstd = torch.native_layer_norm(h, shape, weight, bias, eps)
         ctx.save_for_backward(h, mean, rstd, weight, bias)
-        ctx.shape = shape
+        ctx.shape, ctx.eps = shape, eps
         return y, h
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
+        h, mean, rstd, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _add_layer_norm_double_backward(ctx, dy, dh, h, weight, bias)
         if dy is None:
             return dh, dh, None, None, None, None
-        h, mean, rstd, weight, bias = ctx.saved_tensors
         output_mask = [
             ctx.needs_input_grad[0] or ctx.needs_input_grad[1],
             weight is not None and ctx.needs_input_grad[2],
@@ -390,6 +424,8 @@ def add_layer_norm_cpu(
     eps: float,
 ) -> tuple[Tensor, Tensor]:
     """The "cpu" backend of :func:`normlib.add_layer_norm`: ``(layer_norm(h), h)`` with h = input + residual."""
+    if _torch_ops_only(input):
+        return _add_layer_norm_composite(input, residual, weight, bias, normalized_shape, eps)
     if _native_layer_norm_ok(input, weight, bias):
         if _needs_autograd(input, residual, weight, bias):
             return _FusedAddLayerNormFunction.apply(input, residual, weight, bias, normalized_shape, eps)

@@ -40,6 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
+from normlib._autograd import (
+    add_layer_norm_composite,
+    add_norm_double_backward,
+    double_backward,
+    layer_norm_composite,
+    torch_ops_only,
+)
+from normlib.backends import BACKENDS
 from normlib.kernels._rows import (
     as_rows,
     backward_programs,
@@ -444,16 +452,40 @@ def _(dy, dh, x, weight, bias, mean, rstd, n_cols):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, residual, weight, bias, n_cols, _eps = inputs
+    x, residual, weight, bias, n_cols, eps = inputs
     _y, h, mean, rstd = output
     # The backward needs what was normalized: h for add_layer_norm (stored by the forward anyway),
     # else x. Not y: recomputing x_hat from x, mean and rstd is exact and costs no extra memory.
     ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
     ctx.has_residual = residual is not None
-    ctx.n_cols = n_cols
+    ctx.n_cols, ctx.eps = n_cols, eps
+
+
+def _double_backward_formula(ctx, dy, dh):
+    """create_graph=True: the kernels' backward is not differentiable, PyTorch's composite is (see
+    :mod:`normlib._autograd`), differentiated at the saved input x or output h, on (rows, n_cols)
+    views (the op knows the normalized shape only as ``n_cols``)."""
+    normalized, weight, bias, _, _ = ctx.saved_tensors
+    shape, rows = (ctx.n_cols,), (-1, ctx.n_cols)
+    needs = ctx.needs_input_grad
+
+    def norm(t, w, b):
+        w = None if w is None else w.reshape(shape)
+        b = None if b is None else b.reshape(shape)
+        return layer_norm_composite(t.reshape(rows), w, b, shape, ctx.eps)[0].view(t.shape)
+
+    if ctx.has_residual:
+        dh_total, (dw, db) = add_norm_double_backward(norm, normalized, (weight, bias), dy, dh, needs[2:4])
+        return dh_total, dh_total, dw, db, None, None
+    dx, dw, db = double_backward(
+        lambda t, w, b: (norm(t, w, b),), (normalized, weight, bias), (dy,), (needs[0], *needs[2:4])
+    )
+    return dx, None, dw, db, None, None
 
 
 def _backward_formula(ctx, dy, dh, _dmean, _drstd):
+    if torch.is_grad_enabled():  # create_graph=True
+        return _double_backward_formula(ctx, dy, dh)
     x, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
@@ -478,6 +510,17 @@ _layer_norm_fwd_op.register_autograd(_backward_formula, setup_context=_setup_con
 # ------------------------------------------------------------------------------------------------
 
 
+def _composite_instead(input: torch.Tensor) -> bool:
+    """Whether PyTorch's composite runs instead of the kernels: an empty input (nothing to launch;
+    a zero-width row has no statistics), a torch.func transform or torch.jit.trace
+    (:func:`normlib._autograd.torch_ops_only`). A dtype the float32 kernels would compute less
+    precisely than it promises (float64, complex) is refused rather than computed wrongly."""
+    reason = BACKENDS["triton"].unsupported_dtype_reason(input.dtype)
+    if reason is not None:
+        raise TypeError(f"backend='triton' cannot run this input: {reason}")
+    return input.numel() == 0 or torch_ops_only(input)
+
+
 def layer_norm_triton(
     input: torch.Tensor,
     normalized_shape: Sequence[int],
@@ -486,6 +529,8 @@ def layer_norm_triton(
     eps: float,
 ) -> torch.Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims with the fused Triton kernels."""
+    if _composite_instead(input):
+        return layer_norm_composite(input, weight, bias, tuple(normalized_shape), eps)[0]
     y, _h, _mean, _rstd = _layer_norm_fwd_op(input, None, weight, bias, math.prod(normalized_shape), float(eps))
     return y
 
@@ -499,6 +544,8 @@ def add_layer_norm_triton(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(LayerNorm(input + residual), input + residual) in one pass over memory."""
+    if _composite_instead(input):
+        return add_layer_norm_composite(input, residual, weight, bias, tuple(normalized_shape), eps)
     y, h, _mean, _rstd = _layer_norm_fwd_op(
         input, residual, weight, bias, math.prod(normalized_shape), float(eps)
     )
