@@ -1,4 +1,4 @@
-"""Tests for the book helpers that draw the statistics axes and build padded sequence batches."""
+"""Tests for the book helpers: the statistics axes, padded sequence batches, page figures, the timer."""
 
 import matplotlib
 
@@ -119,3 +119,19 @@ def test_pad_sequences_rejects_bad_input_by_name():
         pad_sequences([])
     with pytest.raises(ValueError, match="length"):
         random_sequence(0, 2, seed=0)
+
+
+def test_median_time_times_only_the_repeats_and_takes_their_median(monkeypatch):
+    from normlib.bench import timing as bench_timing
+    from normlib.book.timing import median_time
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_timing.time, "perf_counter", lambda: clock[0])
+    durations = iter([100.0, 100.0, 3.0, 1.0, 2.0, 50.0, 4.0])  # two warm-ups, then five runs
+
+    def fn():
+        clock[0] += next(durations)
+
+    assert median_time(fn, repeat=5, warmup=2) == 3.0
+    with pytest.raises(ValueError, match="repeat must be >= 1, got 0"):
+        median_time(fn, repeat=0)
