@@ -139,8 +139,7 @@ def group_norm(
     """
     check_input(input, 2, "(N, C, *spatial)")
     channels = input.shape[1]
-    if not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    num_groups = check_size(num_groups, "num_groups", positive=True)  # NumPy integers too, as in torch
     if channels % num_groups:
         raise ValueError(
             f"the number of channels C = input.shape[1] = {channels} must be divisible by "

@@ -327,6 +327,7 @@ def test_numpy_integer_sizes_are_accepted_as_torch_accepts_them():
     assert type(normlib.GroupNorm(np.int64(2), 6).num_groups) is int
     x = torch.randn(3, 6, 4)
     torch.testing.assert_close(normlib.layer_norm(x, np.int64(4)), F.layer_norm(x, (4,)))
+    torch.testing.assert_close(normlib.group_norm(x, np.int64(3)), F.group_norm(x, 3))
     with pytest.raises(TypeError, match="num_groups must be an int"):
         normlib.GroupNorm(2.5, 6)
 
