@@ -14,7 +14,7 @@ then asks :func:`resolve` for the function that does the work. Implementations a
     Fused Triton kernels (``normlib/kernels/``) for CUDA tensors, or for CPU tensors when
     ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how CI tests them).
 
-``backend="auto"`` picks, for the input's device, the first backend in :data:`AUTO_ORDER` that is
+``backend="auto"`` picks, for the input's device, the first backend in ``AUTO_ORDER`` that is
 installed, supports that device and implements the op; an input dtype that backend would compute
 less precisely (float64 on the float32 Triton kernels) goes to PyTorch instead, and naming such a
 backend explicitly for it is an error. Implementations are named by

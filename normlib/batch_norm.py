@@ -1,6 +1,6 @@
 """Batch normalization (Ioffe & Szegedy, 2015): statistics per channel, shared across the batch.
 
-For an input of shape (N, C, *spatial) -- (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) -- each channel c is
+For an input of shape ``(N, C, *spatial)`` -- (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) -- each channel c is
 standardized with the mean and variance of all its N * prod(spatial) values, then scaled and
 shifted by a learned per-channel weight (gamma) and bias (beta). Because the statistics depend on
 the other samples in the batch, training and evaluation differ: in training the batch's own
@@ -87,7 +87,7 @@ def batch_norm_reference(
 ) -> tuple[np.ndarray, BatchNormCache]:
     r"""Batch normalization in float64 NumPy, written to be read next to its equations.
 
-    With ``x`` of shape (N, C, *spatial) and m = N * prod(spatial) values per channel c:
+    With ``x`` of shape ``(N, C, *spatial)`` and m = N * prod(spatial) values per channel c:
 
     .. math::
 
@@ -105,9 +105,9 @@ def batch_norm_reference(
 
     .. math::
 
-        \mathrm{running\_mean} \leftarrow (1 - \mathrm{momentum})\,\mathrm{running\_mean}
-            + \mathrm{momentum}\,\mathrm{mean}, \qquad
-        \mathrm{running\_var} \leftarrow (1 - \mathrm{momentum})\,\mathrm{running\_var}
+        \mathrm{running\_mean} &\leftarrow (1 - \mathrm{momentum})\,\mathrm{running\_mean}
+            + \mathrm{momentum}\,\mathrm{mean}, \\
+        \mathrm{running\_var} &\leftarrow (1 - \mathrm{momentum})\,\mathrm{running\_var}
             + \mathrm{momentum}\,\frac{m}{m-1}\mathrm{var}
 
     with PyTorch's convention for ``momentum``: the weight of the *new* batch (Keras calls the
@@ -199,7 +199,7 @@ def batch_norm(
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """Batch normalization of ``input`` (N, C, *spatial); see :func:`batch_norm_reference` for the math.
+    """Batch normalization of ``input``, ``(N, C, *spatial)``; see :func:`batch_norm_reference` for the math.
 
     Same arguments and behaviour as :func:`torch.nn.functional.batch_norm`: in training the batch
     statistics normalize and, when given, ``running_mean``/``running_var`` are updated in place

@@ -82,7 +82,7 @@ def batch_renorm_reference(
 ) -> tuple[np.ndarray, BatchRenormCache]:
     r"""Batch Renormalization in float64 NumPy (Ioffe, 2017, Algorithm 1), next to its equations.
 
-    With ``x`` of shape (N, C, *spatial) and m = N * prod(spatial) values per channel, in training:
+    With ``x`` of shape ``(N, C, *spatial)`` and m = N * prod(spatial) values per channel, in training:
 
     .. math::
 
@@ -192,7 +192,7 @@ def batch_renorm(
     r_max: float = 3.0,
     d_max: float = 5.0,
 ) -> Tensor:
-    """Batch Renormalization of ``input`` (N, C, *spatial); see :func:`batch_renorm_reference`.
+    """Batch Renormalization of ``input``, ``(N, C, *spatial)``; see :func:`batch_renorm_reference`.
 
     The arguments are :func:`torch.nn.functional.batch_norm`'s plus the clipping limits. The running
     statistics are required (r and d are measured against them) and, in training, updated in

@@ -14,7 +14,7 @@ Three forms dominate, and this file holds one module for each:
   zero, so that every block starts as the identity.
 
 AdaIN (Huang & Belongie, 2017), whose gamma and beta are the statistics of a style image, is
-the fourth member of the family; chapter 6 builds it. Tensors are channels-first, (N, C, *spatial),
+the fourth member of the family; chapter 6 builds it. Tensors are channels-first, ``(N, C, *spatial)``,
 with the condition c of shape (N, D) or the labels y of shape (N,).
 """
 
@@ -153,7 +153,7 @@ class AdaLNZeroBlock(nn.Module):
     authors found this zero initialization better than plain adaLN and than conditioning through
     cross-attention or extra tokens. A DiT block has two such branches, attention and MLP, each with
     its own (shift, scale, gate): six vectors from one linear map. ``sublayer`` is F; it must map
-    (N, C, *spatial) to the same shape.
+    ``(N, C, *spatial)`` to the same shape.
     """
 
     def __init__(self, sublayer: nn.Module, num_features: int, cond_features: int, eps: float = 1e-6) -> None:

@@ -11,7 +11,7 @@ The forward pass exchanges three numbers per channel and process, the count, the
 Chan, Golub & LeVeque (1983), which stays accurate when the processes' batches differ in size or
 are empty. The backward pass all-reduces the two per-channel sums the input gradient needs
 (``sum_dy`` and ``sum_dy_xhat``). Without an initialized process group, with a group of one
-process, or in eval mode, the layer is exactly :class:`normlib.BatchNorm2d` and friends.
+process, or in eval mode, the layer is exactly :class:`~normlib.batch_norm.BatchNorm2d` and friends.
 
 Every process must call the layer the same number of times, forward and backward: each call is a
 collective, and a process that skips one leaves the others waiting.
@@ -299,7 +299,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Same constructor arguments as :class:`torch.nn.SyncBatchNorm` (plus normlib's keyword-only
     ``backend`` for the single-process path) and the same parameters, buffers and state_dict keys
-    as every BatchNorm, so weights move freely between them. Accepts (N, C, *spatial) inputs of any
+    as every BatchNorm, so weights move freely between them. Accepts ``(N, C, *spatial)`` inputs of any
     rank. Statistics are synchronized in training mode only: in eval mode each process normalizes
     with its running statistics, which are the same everywhere because they were updated from the
     same global statistics.

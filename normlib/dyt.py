@@ -80,7 +80,7 @@ def dyt_reference_backward(
     .. math::
 
         dx_j = dy_j\,\gamma_j\,\alpha\,(1 - t_j^2), \qquad
-        d\alpha = \sum_{\text{all elements}} dy_j\,\gamma_j\,x_j\,(1 - t_j^2), \qquad
+        d\alpha = \sum_{\text{all elements}} dy_j\,\gamma_j\,x_j\,(1 - t_j^2), \\
         d\gamma_j = \sum_{\text{rows}} dy_j\,t_j, \qquad
         d\beta_j = \sum_{\text{rows}} dy_j
 

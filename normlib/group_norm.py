@@ -61,7 +61,7 @@ def group_norm_reference(
 ) -> tuple[np.ndarray, GroupNormCache]:
     r"""Group normalization in float64 NumPy, written to be read next to its equations.
 
-    For sample n and group g, let S be its C/G channels at all spatial positions (|S| = m values):
+    For sample n and group g, let S be its C/G channels at all spatial positions (``|S|`` = m values):
 
     .. math::
 
@@ -132,7 +132,7 @@ def group_norm(
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """Group normalization of ``input`` (N, C, *spatial); see :func:`group_norm_reference` for the math.
+    """Group normalization of ``input``, ``(N, C, *spatial)``; see :func:`group_norm_reference` for the math.
 
     Same arguments and result as :func:`torch.nn.functional.group_norm`; ``backend`` picks the
     implementation (see :mod:`normlib.backends`).

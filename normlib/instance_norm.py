@@ -159,7 +159,7 @@ def instance_norm(
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """Instance normalization of ``input`` (N, C, *spatial); see :func:`instance_norm_reference`.
+    """Instance normalization of ``input``, ``(N, C, *spatial)``; see :func:`instance_norm_reference`.
 
     Same arguments and behaviour as :func:`torch.nn.functional.instance_norm` (including the
     in-place update of the running statistics when ``use_input_stats``); ``backend`` picks the

@@ -59,7 +59,7 @@ __all__ = [
 class LayerNormCache(NamedTuple):
     """What the forward pass computed that the backward pass (and a curious reader) needs.
 
-    ``mean`` and ``rstd`` keep the reduced axes with size 1, (*leading, 1, ..., 1), so that they
+    ``mean`` and ``rstd`` keep the reduced axes with size 1, ``(*leading, 1, ..., 1)``, so that they
     broadcast against x; this is also the shape of the mean and rstd that torch.native_layer_norm
     returns.
     """

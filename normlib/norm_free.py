@@ -71,7 +71,7 @@ class ScaledWSConv2d(nn.Conv2d):
 
     where mu_i and sigma_i^2 are the mean and (population) variance of row i of W, g_i a learnable
     gain (ones; absent when ``gain=False``) and gamma a fixed constant for the activation that
-    precedes the layer (:data:`RELU_GAMMA` after a ReLU). eps under a ``max`` as in the authors'
+    precedes the layer (``RELU_GAMMA`` after a ReLU). eps under a ``max`` as in the authors'
     code. Each output channel then has weights of mean 0 and squared norm gamma^2 g_i^2: a
     unit-variance input with independent entries gives output channels of variance gamma^2 g_i^2
     and no shift, as Kaiming initialization would give, but kept throughout training.

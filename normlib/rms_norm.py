@@ -11,6 +11,30 @@ write x / (RMS(x) + eps), which differs for rows whose RMS is not much larger th
 the computation dtype, ``torch.finfo(torch.float32).eps`` for float16, bfloat16 and float32 inputs
 and ``torch.finfo(torch.float64).eps`` for float64.
 
+Models built on RMSNorm differ in two more details, chosen with keyword options of :func:`rms_norm`
+and :class:`RMSNorm`:
+
+``offset``
+    The scale is ``offset + weight`` instead of ``weight``. Gemma's code writes ``(1 + weight)``
+    with the weight initialized to zeros, so that weight decay pulls the scale towards 1 rather
+    than 0; :class:`RMSNorm` initializes its weight to ``1 - offset``, so every layer starts as
+    plain RMS scaling.
+``casting``
+    Where a float16 or bfloat16 result is rounded (each name is the model code it transcribes):
+
+    - ``"torch"``: :class:`torch.nn.RMSNorm`. In PyTorch 2.13 the statistics, the scaling and the
+      weight are computed in float32 and the result is rounded once.
+    - ``"llama"``: Hugging Face's ``LlamaRMSNorm`` (also Mistral's and Qwen2's): normalize in
+      float32, round to the input's dtype, then multiply by the weight in the weight's dtype
+      (the result takes the promoted dtype of the two, as in the model code).
+    - ``"gemma"``: Hugging Face's ``GemmaRMSNorm``: normalize and scale by
+      ``offset + weight`` in float32, round once to the input's dtype at the end.
+
+    float64 inputs are computed in float64 under every convention (the model code would compute
+    them in float32). The "torch" backend runs the model code's own operations, so it matches them
+    bit for bit; the fused kernels round once, which for ``"llama"`` with a weight of the input's
+    dtype is within one unit in the last place of the double rounding above.
+
 This file holds, in reading order: the NumPy reference (forward and backward), the functional ops
 ``rms_norm`` (``torch.nn.functional.rms_norm``'s signature plus ``backend``) and ``add_rms_norm``
 (the pre-norm residual add fused with the norm), and the module ``RMSNorm`` (a drop-in for
@@ -19,7 +43,8 @@ This file holds, in reading order: the NumPy reference (forward and backward), t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -29,6 +54,7 @@ from torch import Tensor, nn
 
 from normlib._checks import (
     RMS_NORM_DEFAULT_EPS,
+    as_normalized_shape,
     check_backend_name,
     check_eps,
     check_input,
@@ -36,6 +62,7 @@ from normlib._checks import (
     check_residual,
     check_tensor_like_input,
 )
+from normlib._autograd import scriptable_twin
 from normlib.backends import resolve
 
 __all__ = [
@@ -44,8 +71,10 @@ __all__ = [
     "rms_norm_reference_backward",
     "add_rms_norm_reference",
     "add_rms_norm_reference_backward",
+    "CASTINGS",
     "rms_norm",
     "rms_norm_torch",
+    "rms_norm_convention_torch",
     "add_rms_norm",
     "add_rms_norm_torch",
     "RMSNorm",
@@ -164,6 +193,8 @@ def rms_norm(
     weight: Tensor | None = None,
     eps: float | None = None,
     *,
+    offset: float = 0.0,
+    casting: str = "torch",
     backend: str = "auto",
 ) -> Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims; see :func:`rms_norm_reference` for the math.
@@ -171,15 +202,104 @@ def rms_norm(
     Same arguments and result as :func:`torch.nn.functional.rms_norm`; ``eps=None`` is the float32
     machine epsilon (float64's for float64 input), as in torch. ``backend`` picks the implementation (see
     :mod:`normlib.backends`), which receives ``normalized_shape`` as a tuple and ``eps`` as a float.
+    ``offset`` (the scale is ``offset + weight``; needs a weight) and ``casting`` (``"torch"``,
+    ``"llama"`` or ``"gemma"``: where a low-precision result is rounded) select the conventions of
+    real models, described in this module's docstring.
     """
-    check_input(input, 1, "(*, *normalized_shape)")
+    check_input(input, 1, "(*, *normalized_shape)", allow_complex=True)  # complex, as torch's
     shape = check_normalized_shape(normalized_shape, input)
     check_tensor_like_input(weight, "weight", input, shape)
     if eps is None:
         eps = RMS_NORM_DEFAULT_EPS[input.dtype]
     else:
         check_eps(eps)
-    return resolve("rms_norm", backend, input.device)(input, shape, weight, eps)
+    function = resolve("rms_norm", backend, input.device)
+    if casting == "torch" and offset == 0.0:  # checked first: the drop-in call stays cheap
+        return function(input, shape, weight, eps)
+    check_convention(casting, offset, weight is not None)
+    if casting != "torch" and input.is_complex():
+        raise TypeError(
+            f"casting={casting!r} computes a real input in float32; got {input.dtype}: use "
+            f"casting='torch' for complex input"
+        )
+    if function is rms_norm_torch:
+        return rms_norm_convention_torch(input, shape, weight, eps, offset, casting)
+    return _rms_norm_convention_fused(function, input, shape, weight, eps, offset, casting)
+
+
+#: The values of ``casting``, each named after the model code it transcribes.
+CASTINGS = ("torch", "llama", "gemma")
+
+
+def check_convention(casting: str, offset: float, has_weight: bool) -> None:
+    """``casting`` is one of :data:`CASTINGS`; ``offset`` is a finite real number, nonzero only with a weight."""
+    if not isinstance(casting, str) or casting not in CASTINGS:
+        raise ValueError(f"casting must be one of {list(CASTINGS)}, got {casting!r}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise TypeError(f"offset must be a real number (a Python int or float), got {offset!r}")
+    if not math.isfinite(offset):
+        raise ValueError(f"offset must be finite, got {offset!r}")
+    if offset != 0.0 and not has_weight:
+        raise ValueError(
+            f"offset={offset!r} shifts the weight (the scale is offset + weight), but there is no "
+            f"weight; pass a weight (elementwise_affine=True for the module) or offset=0.0"
+        )
+
+
+def rms_norm_convention_torch(
+    input: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    eps: float,
+    offset: float,
+    casting: str,
+) -> Tensor:
+    """The "torch" backend with ``offset`` and ``casting``: the operations of the model code each
+    convention comes from (torch.nn.RMSNorm, Hugging Face's LlamaRMSNorm and GemmaRMSNorm), in
+    their order, so that the results agree bit for bit."""
+    if casting == "torch":
+        gamma = weight if offset == 0.0 else offset + weight
+        return F.rms_norm(input, normalized_shape, gamma, eps)
+    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    dims = tuple(range(-len(normalized_shape), 0))  # the trailing, normalized dims
+    x = input.to(compute)
+    x_hat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    if casting == "llama":
+        y = x_hat.to(input.dtype)  # rounded before the weight multiplies it
+        if weight is None:
+            return y
+        return (weight if offset == 0.0 else offset + weight) * y
+    if weight is not None:
+        x_hat = x_hat * (offset + weight.to(compute))
+    return x_hat.to(input.dtype)  # "gemma": one rounding, at the end
+
+
+def _rms_norm_convention_fused(
+    function: Callable[..., Tensor],
+    input: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    eps: float,
+    offset: float,
+    casting: str,
+) -> Tensor:
+    """A fused backend with ``offset`` and ``casting``, through the effective weight.
+
+    The kernels compute in float32 (float64 for float64 input) and round once, so "gemma" is their
+    own rounding given a weight ``offset + weight`` kept in the compute dtype. For "torch" and
+    "llama" the effective weight stays in the weight's dtype, as in the model code; "llama" with a
+    weight of another dtype than the input's multiplies outside the kernel so that the result takes
+    the promoted dtype, as ``weight * y`` does in the model code.
+    """
+    if weight is None:
+        return function(input, normalized_shape, None, eps)
+    if casting == "gemma":
+        compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+        return function(input, normalized_shape, offset + weight.to(compute), eps)
+    gamma = weight if offset == 0.0 else offset + weight
+    if casting == "torch" or gamma.dtype == input.dtype:
+        return function(input, normalized_shape, gamma, eps)
+    return gamma * function(input, normalized_shape, None, eps)
 
 
 def rms_norm_torch(
@@ -238,7 +358,14 @@ def add_rms_norm_torch(
 
 
 class RMSNorm(nn.Module):
-    """A drop-in for torch.nn.RMSNorm whose math runs through :func:`rms_norm` and its backends."""
+    """A drop-in for torch.nn.RMSNorm whose math runs through :func:`rms_norm` and its backends.
+
+    ``offset`` and ``casting`` select the conventions of real models (see :func:`rms_norm`); with
+    an offset the weight starts at ``1 - offset`` (zeros for Gemma's offset of 1), so the layer
+    starts as plain RMS scaling. ``RMSNorm(C, eps=1e-6, casting="llama")`` computes what Hugging
+    Face's ``LlamaRMSNorm(C)`` does, ``RMSNorm(C, eps=1e-6, offset=1.0, casting="gemma")`` what its
+    ``GemmaRMSNorm(C)`` does.
+    """
 
     def __init__(
         self,
@@ -248,13 +375,16 @@ class RMSNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        offset: float = 0.0,
+        casting: str = "torch",
         backend: str = "auto",
     ) -> None:
         super().__init__()
         check_backend_name(backend)
-        if isinstance(normalized_shape, int):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
+        check_convention(casting, offset, elementwise_affine)
+        self.offset = float(offset)
+        self.casting = casting
+        self.normalized_shape = as_normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.backend = backend
@@ -266,11 +396,35 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         if self.elementwise_affine:
-            nn.init.ones_(self.weight)
+            nn.init.constant_(self.weight, 1.0 - self.offset)  # the scale offset + weight starts at 1
 
     def forward(self, input: Tensor) -> Tensor:
-        return rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+        return rms_norm(
+            input,
+            self.normalized_shape,
+            self.weight,
+            self.eps,
+            offset=self.offset,
+            casting=self.casting,
+            backend=self.backend,
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles torch.nn.RMSNorm holding this weight (see normlib._autograd);
+        the other conventions have no torch.nn twin to compile."""
+        if self.offset != 0.0 or self.casting != "torch":
+            raise RuntimeError(
+                f"torch.jit.script cannot compile RMSNorm with offset={self.offset}, casting={self.casting!r}: "
+                f"only offset=0.0, casting='torch' has a TorchScript twin (torch.nn.RMSNorm); use "
+                f"torch.jit.trace or torch.compile"
+            )
+        twin = nn.RMSNorm(self.normalized_shape, self.eps, self.elementwise_affine, device="meta")
+        return scriptable_twin(self, twin)
 
     def extra_repr(self) -> str:
         text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        if self.offset != 0.0:
+            text += f", offset={self.offset}"
+        if self.casting != "torch":
+            text += f", casting={self.casting!r}"
         return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"

@@ -17,7 +17,7 @@ For each case (op, dtype, hidden size, rows, mode) it times, on one device:
   (Triton's CPU interpreter is a correctness tool and is never timed);
 * "composite": the op written as plain torch operations, run eagerly (one kernel per operation);
 * "torch.compile": that composite compiled by ``torch.compile``, its compile time reported apart;
-* "liger": Liger-Kernel's fused norms, where installed (:mod:`normlib.bench.peers`);
+* "liger": Liger-Kernel's fused norms, where installed (``normlib/bench/peers.py``);
 * and a copy of the same number of bytes, the reference of the "of copy" fraction.
 
 =============  ==================================================================================

@@ -44,7 +44,7 @@ def run_benchmark(
     """Time every implementation on every (op, dtype, hidden size, row count, mode) case.
 
     The cases of all ops on one tensor (dtype, hidden, rows, mode) are timed together, in one
-    :func:`time_interleaved` group on shared tensors: the reports compare ops with each other
+    ``time_interleaved`` group on shared tensors: the reports compare ops with each other
     (RMSNorm against F.layer_norm), and those ratios deserve the same fairness as the ones within
     an op. With ``copy_reference``, each group also times a copy of each case's bytes, the reference
     of the "of copy" fraction. Results come back in case order (op, dtype, hidden, rows, mode).
@@ -56,7 +56,7 @@ def run_benchmark(
     apart and reported as ``compile_seconds``; ``compile_dtypes`` limits it to those dtypes (each
     shape compiles anew, seconds apiece). ``repeats=None`` picks each measurement's runs
     adaptively (about ``target_seconds`` each). Cases whose tensors would take more than
-    ``memory_budget_bytes`` (:func:`case_memory_bytes`), cases of an op this normlib lacks, and, once
+    ``memory_budget_bytes`` (``case_memory_bytes``), cases of an op this normlib lacks, and, once
     ``time.monotonic()`` passes ``deadline``, all remaining cases are skipped with a note, printed
     even when ``progress`` is None. ``progress`` gets one line per case with its times.
     """

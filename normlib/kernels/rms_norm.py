@@ -27,7 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
+from normlib._autograd import (
+    add_norm_double_backward,
+    add_rms_norm_composite,
+    double_backward,
+    rms_norm_composite,
+    torch_ops_only,
+)
 from normlib._checks import RMS_NORM_DEFAULT_EPS
+from normlib.backends import BACKENDS
 from normlib.kernels._rows import (
     as_rows,
     backward_programs,
@@ -336,14 +344,35 @@ def _(dy, dh, x, weight, rstd, n_cols):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, residual, weight, n_cols, _eps = inputs
+    x, residual, weight, n_cols, eps = inputs
     _y, h, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
     ctx.has_residual = residual is not None
-    ctx.n_cols = n_cols
+    ctx.n_cols, ctx.eps = n_cols, eps
+
+
+def _double_backward_formula(ctx, dy, dh):
+    """create_graph=True: the kernels' backward is not differentiable, PyTorch's composite is (see
+    :mod:`normlib._autograd`), differentiated at the saved input x or output h, on (rows, n_cols)
+    views (the op knows the normalized shape only as ``n_cols``)."""
+    normalized, weight, _ = ctx.saved_tensors
+    shape, rows = (ctx.n_cols,), (-1, ctx.n_cols)
+    needs = ctx.needs_input_grad
+
+    def norm(t, w):
+        w = None if w is None else w.reshape(shape)
+        return rms_norm_composite(t.reshape(rows), w, shape, ctx.eps)[0].view(t.shape)
+
+    if ctx.has_residual:
+        dh_total, (dw,) = add_norm_double_backward(norm, normalized, (weight,), dy, dh, (needs[2],))
+        return dh_total, dh_total, dw, None, None
+    dx, dw = double_backward(lambda t, w: (norm(t, w),), (normalized, weight), (dy,), (needs[0], needs[2]))
+    return dx, None, dw, None, None
 
 
 def _backward_formula(ctx, dy, dh, _drstd):
+    if torch.is_grad_enabled():  # create_graph=True
+        return _double_backward_formula(ctx, dy, dh)
     x, weight, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
@@ -361,6 +390,17 @@ _rms_norm_fwd_op.register_autograd(_backward_formula, setup_context=_setup_conte
 # ------------------------------------------------------------------------------------------------
 
 
+def _composite_instead(input: torch.Tensor) -> bool:
+    """Whether PyTorch's composite runs instead of the kernels: an empty input (nothing to launch;
+    a zero-width row has no statistics), a torch.func transform or torch.jit.trace
+    (:func:`normlib._autograd.torch_ops_only`). A dtype the float32 kernels would compute less
+    precisely than it promises (float64, complex) is refused rather than computed wrongly."""
+    reason = BACKENDS["triton"].unsupported_dtype_reason(input.dtype)
+    if reason is not None:
+        raise TypeError(f"backend='triton' cannot run this input: {reason}")
+    return input.numel() == 0 or torch_ops_only(input)
+
+
 def rms_norm_triton(
     input: torch.Tensor,
     normalized_shape: Sequence[int],
@@ -369,6 +409,8 @@ def rms_norm_triton(
 ) -> torch.Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims with the fused Triton kernels."""
     eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps  # None: torch's default
+    if _composite_instead(input):
+        return rms_norm_composite(input, weight, tuple(normalized_shape), eps)[0]
     y, _h, _rstd = _rms_norm_fwd_op(input, None, weight, math.prod(normalized_shape), eps)
     return y
 
@@ -382,5 +424,7 @@ def add_rms_norm_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(input + residual), input + residual) in one pass over memory."""
     eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps  # None: torch's default
+    if _composite_instead(input):
+        return add_rms_norm_composite(input, residual, weight, tuple(normalized_shape), eps)
     y, h, _rstd = _rms_norm_fwd_op(input, residual, weight, math.prod(normalized_shape), eps)
     return y, h
