@@ -37,16 +37,18 @@ def test_every_kernel_compiles_to_a_cubin_for_sm90():
 # 2**31 elements), no 32-bit multiply left, and no atomics in the backward (determinism).
 PTX_CHECK = """
 from normlib.kernels.compile_check import compile_kernel
-from normlib.kernels import layer_norm as ln, rms_norm as rms
+from normlib.kernels.row_norm import _row_norm_bwd_kernel, _row_norm_fwd_kernel
+everything = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_N=1024, SINGLE_BLOCK=True)
+looped_rms = dict(IS_RMS=True, HAS_WEIGHT=True, HAS_BIAS=False, BLOCK_N=256, SINGLE_BLOCK=False)
 cases = [
-    (ln._layer_norm_fwd_kernel, dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_N=1024, SINGLE_BLOCK=True)),
-    (ln._layer_norm_bwd_kernel, dict(HAS_DH=True, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_N=1024, SINGLE_BLOCK=True)),
-    (rms._rms_norm_fwd_kernel, dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, BLOCK_N=256, SINGLE_BLOCK=False)),
-    (rms._rms_norm_bwd_kernel, dict(HAS_DH=True, HAS_WEIGHT=True, BLOCK_N=256, SINGLE_BLOCK=False)),
+    ("layer_norm_fwd", _row_norm_fwd_kernel, dict(IS_RMS=False, HAS_RESIDUAL=True, **everything)),
+    ("layer_norm_bwd", _row_norm_bwd_kernel, dict(IS_RMS=False, HAS_DH=True, **everything)),
+    ("rms_norm_fwd_looped", _row_norm_fwd_kernel, dict(HAS_RESIDUAL=True, **looped_rms)),
+    ("rms_norm_bwd_looped", _row_norm_bwd_kernel, dict(HAS_DH=True, **looped_rms)),
 ]
-for fn, constexprs in cases:
+for name, fn, constexprs in cases:
     ptx = compile_kernel(fn, "bf16", constexprs, 90).asm["ptx"]
-    print(fn.__name__, ptx.count("mul.lo.s64"), ptx.count("mul.lo.s32"), ptx.count("atom."))
+    print(name, ptx.count("mul.lo.s64"), ptx.count("mul.lo.s32"), ptx.count("atom."))
 """
 
 

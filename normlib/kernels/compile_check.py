@@ -42,19 +42,18 @@ def compile_kernel(fn, dtype: str, constexprs: dict, capability: int, num_warps:
 
 
 def variants(quick: bool):
-    """(kernel, constexprs) pairs: every flag combination, single-block and looped paths."""
+    """(kernel, constexprs) pairs: LayerNorm and RMSNorm (``IS_RMS``), every flag combination the
+    ops use (RMSNorm has no bias), single-block and looped paths."""
     from normlib.kernels import _rows
-    from normlib.kernels import layer_norm as ln
-    from normlib.kernels import rms_norm as rms
+    from normlib.kernels import row_norm
 
     flags = [(True, True, True), (False, False, False)] if quick else list(itertools.product([False, True], repeat=3))
     blocks = [(1024, True), (256, False)] if quick else [(1024, True), (256, False), (1, True)]
-    for (block, single), (a, b, c) in itertools.product(blocks, flags):
-        shape = dict(BLOCK_N=block, SINGLE_BLOCK=single)
-        yield ln._layer_norm_fwd_kernel, dict(HAS_RESIDUAL=a, HAS_WEIGHT=b, HAS_BIAS=c, **shape)
-        yield ln._layer_norm_bwd_kernel, dict(HAS_DH=a, HAS_WEIGHT=b, HAS_BIAS=c, **shape)
-        yield rms._rms_norm_fwd_kernel, dict(HAS_RESIDUAL=a, HAS_WEIGHT=b, **shape)
-        yield rms._rms_norm_bwd_kernel, dict(HAS_DH=a, HAS_WEIGHT=b, **shape)
+    for (block, single), is_rms in itertools.product(blocks, (False, True)):
+        shape = dict(IS_RMS=is_rms, BLOCK_N=block, SINGLE_BLOCK=single)
+        for a, b, c in dict.fromkeys((a, b, c and not is_rms) for a, b, c in flags):
+            yield row_norm._row_norm_fwd_kernel, dict(HAS_RESIDUAL=a, HAS_WEIGHT=b, HAS_BIAS=c, **shape)
+            yield row_norm._row_norm_bwd_kernel, dict(HAS_DH=a, HAS_WEIGHT=b, HAS_BIAS=c, **shape)
     yield _rows._sum_partials_kernel, dict(BLOCK_N=_rows.SUM_BLOCK)
 
 

@@ -14,7 +14,7 @@ The backward is where the work is. With ``wdy = w * dy`` and ``slope = 1 - t^2``
     db     = sum over rows of dy
 
 Three of the four are reductions across rows, and alpha's is across the whole tensor. As in
-:mod:`normlib.kernels.rms_norm`, the backward runs a fixed number of programs; program p walks rows
+:mod:`normlib.kernels.row_norm`, the backward runs a fixed number of programs; program p walks rows
 p, p + n_programs, ... and keeps its own fp32 partial sums of dw, db and dalpha, which
 :func:`normlib.kernels._rows.sum_partials` then adds in a fixed order. No atomics: two runs give
 the same bits.
