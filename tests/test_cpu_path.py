@@ -351,6 +351,41 @@ def test_build_in_a_fresh_cache(tmp_path):
         assert list(tmp_path.glob(f"{name}_*.so")), f"no {name} library was written to the cache"
 
 
+def test_c_kernels_take_their_arguments_by_name():
+    """The extensions' functions take each argument by name, in any order, and refuse a call that
+    does not fit with an error naming the argument, rather than reading a wrong position."""
+    for name in native.KERNELS:
+        if native.unavailable_reason(name) is not None:
+            pytest.skip(f"C kernels unavailable: {native.unavailable_reason(name)}")
+    rms, layer_norm = native.extension("rms_norm"), native.extension("layer_norm")
+    x, gamma = sample((3, 5), torch.float32, 0), sample((5,), torch.float32, 1, shift=1.0)
+    y = torch.empty_like(x)
+    sizes = dict(storage=native.STORAGE_CODES[torch.float32], rows=3, n=5, eps=1e-6, threads=1)
+    # a name built at run time is not interned: found by comparing the text
+    sizes["".join(["thr", "eads"])] = sizes.pop("threads")
+    assert rms.forward(y=y.data_ptr(), gamma=gamma.data_ptr(), x=x.data_ptr(), **sizes) == 1
+    torch.testing.assert_close(y, normlib.rms_norm(x, (5,), gamma, 1e-6, backend="torch"))
+
+    arguments = dict(x=x.data_ptr(), gamma=gamma.data_ptr(), y=y.data_ptr(), **sizes)
+    with pytest.raises(TypeError, match="by name"):
+        rms.forward(*arguments.values())
+    with pytest.raises(TypeError, match="missing required argument 'y'"):
+        rms.forward(**{k: v for k, v in arguments.items() if k != "y"})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'beta'"):
+        rms.forward(beta=gamma.data_ptr(), **arguments)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dx'"):
+        rms.forward(dx=y.data_ptr(), **arguments)
+    with pytest.raises(ValueError, match="residual and h"):
+        rms.forward(residual=x.data_ptr(), **arguments)
+    with pytest.raises(ValueError, match="storage"):
+        rms.forward(**{**arguments, "storage": 7})
+    with pytest.raises(ValueError, match="rows and n"):
+        rms.forward(**{**arguments, "rows": -1})
+    dgamma = torch.empty_like(gamma)
+    with pytest.raises(ValueError, match="dgamma and dbeta"):
+        layer_norm.backward(dy=x.data_ptr(), x=x.data_ptr(), gamma=gamma.data_ptr(), dgamma=dgamma.data_ptr(), **sizes)
+
+
 def test_direct_call_with_eps_none_uses_torchs_default_for_half_inputs():
     # eps=None is float32's machine epsilon for float16 input, as in F.rms_norm; float16's own
     # epsilon (9.8e-4) would visibly shrink rows of magnitude 1e-3.

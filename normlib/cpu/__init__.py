@@ -12,7 +12,9 @@ What runs (the functions below are the "cpu" backend's entries in :mod:`normlib.
     C kernels compiled on first use into Python extensions: each row is read from memory once,
     its statistics computed in float32, and the output written once; the backward recomputes the
     row statistics instead of saving them. float32, bfloat16 and float16 (one dtype for input,
-    weight and bias). They run in PyTorch's own OpenMP threads.
+    weight and bias). Each file holds its norm's math for one row; ``_kernels.h`` holds the rest
+    (the loops over rows, PyTorch's own OpenMP threads, the Python module, whose functions take
+    their arguments by name).
 :mod:`normlib.cpu.blocked`
     The RMSNorm fallback in plain PyTorch (no C compiler or Python headers, float64, or a weight
     whose dtype differs from the input's): rows in cache-sized blocks, no full-size temporaries.
@@ -20,20 +22,19 @@ What runs (the functions below are the "cpu" backend's entries in :mod:`normlib.
 
 Plain LayerNorm is *not* replaced: PyTorch's CPU kernel is already one pass per direction.
 
-How the means were chosen, by measurement on the course machine (2 cores, torch 2.13.0):
+Why these means (the measurements are in ``results/cpu/native_build_and_threads.json`` and
+``results/cpu/blocked_chunk_bytes.json``; ``python -m normlib.bench --cpu-grid`` times the ops
+against their PyTorch peers):
 
 * PyTorch ops on cache-sized blocks of rows (:mod:`normlib.cpu.blocked`) remove the full-size
-  temporaries but still make one pass per op: about twice F.layer_norm's time.
-* torch.compile brings RMSNorm near LayerNorm but compiles for ~21 s in a fresh process; numba
-  needed 3-4 s per kernel and had no bfloat16. A first call may stall a notebook ~2 s at most.
-* The C kernels compile in ~0.7-1.2 s once per machine (then ~10 ms to load from the cache) and
-  run at about F.layer_norm's time or less; ``python -m normlib.bench --cpu-grid`` measures them
-  against F.layer_norm and F.rms_norm for every size the CPU-path issue names.
+  temporaries but still make one pass per op, so they stay slower than F.layer_norm's one kernel.
+* torch.compile and numba take seconds per kernel to compile, too long for a notebook's first call
+  (and numba has no bfloat16); the C kernels compile in about a second once per machine and then
+  load from a cache in milliseconds.
 * On small tensors the kernel takes a few hundred nanoseconds and the rest is overhead, so the
-  per-call Python path is kept short: a Python extension (~0.3 us a call) rather than ctypes
-  (~1.1 us), no saved statistics (one allocation less), the differentiable recomputation only
-  when a graph of the backward is being built, and no reshaping for contiguous 2-D input.
-  PyTorch's own LayerNorm call takes ~3 us there; normlib's checked, dispatched RMSNorm ~4 us.
+  per-call Python path is kept short: a Python extension rather than ctypes, no saved statistics
+  (one allocation less), the differentiable recomputation only when a graph of the backward is
+  being built, and no reshaping for contiguous 2-D input.
 
 All ops here take their arguments already checked by the public op (normlib/rms_norm.py,
 normlib/layer_norm.py), support any leading shape and non-contiguous inputs (copied to contiguous

@@ -317,6 +317,12 @@ def _threads(elements: int, dtype: torch.dtype) -> int:
 
 
 # The functions below run only after supports(dtype, name) said yes, so the module is loaded.
+# The kernels take their arguments by name (the fields of row_norm_args_t in _kernels.h): tensors
+# as the addresses of their data, 0 for a tensor an op does without.
+
+
+def _pointer(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
 
 
 def rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
@@ -325,8 +331,8 @@ def rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
     rows, n = x.shape
     y = torch.empty_like(x)
     _loaded["rms_norm"].forward(
-        STORAGE_CODES[x.dtype], x.data_ptr(), 0, 0, gamma.data_ptr(), y.data_ptr(), rows, n, eps,
-        _threads(rows * n, x.dtype),
+        storage=STORAGE_CODES[x.dtype], x=x.data_ptr(), gamma=gamma.data_ptr(), y=y.data_ptr(),
+        rows=rows, n=n, eps=eps, threads=_threads(rows * n, x.dtype),
     )
     return y
 
@@ -343,9 +349,8 @@ def rms_norm_forward(
     y = torch.empty_like(x)
     h = None if residual is None else torch.empty_like(x)
     _loaded["rms_norm"].forward(
-        STORAGE_CODES[x.dtype], x.data_ptr(), 0 if residual is None else residual.data_ptr(),
-        0 if h is None else h.data_ptr(), gamma.data_ptr(), y.data_ptr(), rows, n, eps,
-        _threads(rows * n, x.dtype),
+        storage=STORAGE_CODES[x.dtype], x=x.data_ptr(), residual=_pointer(residual), h=_pointer(h),
+        gamma=gamma.data_ptr(), y=y.data_ptr(), rows=rows, n=n, eps=eps, threads=_threads(rows * n, x.dtype),
     )
     return y, h
 
@@ -364,9 +369,9 @@ def rms_norm_backward(
     dx = torch.empty_like(x) if needs_dx else None
     dgamma = torch.empty_like(gamma) if needs_dgamma else None
     _loaded["rms_norm"].backward(
-        STORAGE_CODES[x.dtype], dy.data_ptr(), 0 if dh is None else dh.data_ptr(), x.data_ptr(),
-        gamma.data_ptr(), 0 if dx is None else dx.data_ptr(), 0 if dgamma is None else dgamma.data_ptr(),
-        rows, n, eps, _threads(rows * n, x.dtype),
+        storage=STORAGE_CODES[x.dtype], dy=dy.data_ptr(), dh=_pointer(dh), x=x.data_ptr(),
+        gamma=gamma.data_ptr(), dx=_pointer(dx), dgamma=_pointer(dgamma),
+        rows=rows, n=n, eps=eps, threads=_threads(rows * n, x.dtype),
     )
     return dx, dgamma
 
@@ -382,8 +387,9 @@ def add_layer_norm_forward(
     rows, n = x.shape
     y, h = torch.empty_like(x), torch.empty_like(x)
     _loaded["layer_norm"].forward(
-        STORAGE_CODES[x.dtype], x.data_ptr(), residual.data_ptr(), h.data_ptr(), gamma.data_ptr(),
-        beta.data_ptr(), y.data_ptr(), rows, n, eps, _threads(rows * n, x.dtype),
+        storage=STORAGE_CODES[x.dtype], x=x.data_ptr(), residual=residual.data_ptr(), h=h.data_ptr(),
+        gamma=gamma.data_ptr(), beta=beta.data_ptr(), y=y.data_ptr(),
+        rows=rows, n=n, eps=eps, threads=_threads(rows * n, x.dtype),
     )
     return y, h
 
@@ -403,8 +409,8 @@ def add_layer_norm_backward(
     dx = torch.empty_like(h) if needs_dx else None
     dgamma, dbeta = (torch.empty_like(gamma), torch.empty_like(gamma)) if needs_parameters else (None, None)
     _loaded["layer_norm"].backward(
-        STORAGE_CODES[h.dtype], dy.data_ptr(), 0 if dh is None else dh.data_ptr(), h.data_ptr(),
-        gamma.data_ptr(), 0 if dx is None else dx.data_ptr(), 0 if dgamma is None else dgamma.data_ptr(),
-        0 if dbeta is None else dbeta.data_ptr(), rows, n, eps, _threads(rows * n, h.dtype),
+        storage=STORAGE_CODES[h.dtype], dy=dy.data_ptr(), dh=_pointer(dh), x=h.data_ptr(),
+        gamma=gamma.data_ptr(), dx=_pointer(dx), dgamma=_pointer(dgamma), dbeta=_pointer(dbeta),
+        rows=rows, n=n, eps=eps, threads=_threads(rows * n, h.dtype),
     )
     return dx, dgamma, dbeta
