@@ -57,10 +57,6 @@ def _triton_device(device: torch.device) -> str | None:
     )
 
 
-def _cpu_available() -> str | None:
-    return _load("normlib.cpu:unavailable_reason")()
-
-
 def _cpu_device(device: torch.device) -> str | None:
     if device.type == "cpu":
         return None
@@ -104,7 +100,8 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", _always, _always),
-    "cpu": Backend("cpu", _cpu_available, _cpu_device),
+    # always available: without a C compiler its ops run blocked PyTorch code (normlib/cpu/blocked.py)
+    "cpu": Backend("cpu", _always, _cpu_device),
     "triton": Backend("triton", _triton_installed, _triton_device, TRITON_DTYPES, _triton_dtype),
 }
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import normlib
-import normlib.cpu
+import normlib.cpu.native
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "normlib")
@@ -91,10 +91,10 @@ def test_installed_copy_imports_compiles_and_runs(wheel: Path, tmp_path: Path):
         """
         import sys
         import torch
-        import normlib, normlib.cpu
+        import normlib, normlib.cpu.native
         print(normlib.__file__)
         print(normlib.__version__)
-        print(normlib.cpu.unavailable_reason())
+        print(normlib.cpu.native.unavailable_reason())
         x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
         weight = torch.rand(64, generator=torch.Generator().manual_seed(1))
         for backend in ("torch", "cpu"):
@@ -118,8 +118,8 @@ def test_installed_copy_imports_compiles_and_runs(wheel: Path, tmp_path: Path):
     assert version == normlib.__version__
     assert computed == "computed"
     # where the repository's copy compiles its C kernels, the installed copy does too, from its own sources
-    assert reason == str(normlib.cpu.unavailable_reason())
-    if normlib.cpu.unavailable_reason() is None:
+    assert reason == str(normlib.cpu.native.unavailable_reason())
+    if normlib.cpu.native.unavailable_reason() is None:
         assert any((tmp_path / "cache").rglob("*.so")), "the installed copy built no C extension"
 
 

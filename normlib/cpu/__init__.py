@@ -66,15 +66,7 @@ from normlib._autograd import (
 from normlib._checks import RMS_NORM_DEFAULT_EPS
 from normlib.cpu import blocked, native
 
-__all__ = ["unavailable_reason", "rms_norm_cpu", "add_rms_norm_cpu", "add_layer_norm_cpu"]
-
-
-def unavailable_reason() -> str | None:
-    """None: the blocked PyTorch path runs wherever PyTorch does, with or without the C kernels.
-
-    Why the C kernels are not in use, if they are not, is :func:`normlib.cpu.native.unavailable_reason`.
-    """
-    return None
+__all__ = ["rms_norm_cpu", "add_rms_norm_cpu", "add_layer_norm_cpu"]
 
 
 # ----------------------------------------------------------------------------------------------
