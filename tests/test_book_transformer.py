@@ -6,7 +6,16 @@ import torch
 from torch import nn
 
 import normlib
-from normlib.book.tasks import IGNORE, PAD, TASKS, evaluate, make_batch, train_on_task, warmup_factor
+from normlib.book.tasks import (
+    IGNORE,
+    PAD,
+    TASKS,
+    SequenceHistory,
+    evaluate,
+    make_batch,
+    train_on_task,
+    warmup_factor,
+)
 from normlib.book.transformer import NORMS, BatchNormOverTokens, Block, TinyTransformer, make_norm
 
 
@@ -190,3 +199,16 @@ def test_training_lowers_the_loss(task):
     first, last = sum(history.step_loss[:5]) / 5, sum(history.step_loss[-5:]) / 5
     assert last < 0.8 * first
     assert 0.0 <= history.token_accuracy <= 1.0
+
+
+def test_on_step_sees_every_step_and_leaves_training_unchanged():
+    plain = train_on_task(small_model(block_size=5), "copy", steps=4, lr=3e-3, batch_size=8, length=5)
+    steps_seen = []
+    history = SequenceHistory()
+    watched = train_on_task(
+        small_model(block_size=5), "copy", steps=4, lr=3e-3, batch_size=8, length=5,
+        history=history, on_step=steps_seen.append,
+    )
+    assert watched is history
+    assert steps_seen == [0, 1, 2, 3, 4]  # before training, then after every step
+    assert watched.step_loss == plain.step_loss

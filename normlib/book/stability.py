@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normlib.book.tasks import IGNORE, evaluate, make_batch, warmup_factor
+from normlib.book.tasks import SequenceHistory, make_batch, train_on_task
 from normlib.book.transformer import TinyTransformer
 
 __all__ = [
@@ -103,22 +103,17 @@ def attention_stats(model: TinyTransformer, idx: torch.Tensor) -> tuple[np.ndarr
 
 
 @dataclass
-class WatchHistory:
-    """What :func:`train_and_watch` measured. ``watched_steps`` are the steps (0 = before training)
-    at which the attention was read; ``max_logit`` and ``min_entropy`` are the largest max-logit and
-    the smallest entropy over the layers at those steps; ``output_log_z`` is the mean over tokens of
-    |ln Z|, Z = sum_v exp(z_v) of the output logits z (what z-loss penalizes, Wortsman et al. 2024)."""
+class WatchHistory(SequenceHistory):
+    """What :func:`train_and_watch` measured: :class:`~normlib.book.tasks.SequenceHistory`'s loss per
+    step and accuracies, and ``watched_steps``, the steps (0 = before training) at which the
+    attention was read; ``max_logit`` and ``min_entropy`` are the largest max-logit and the smallest
+    entropy over the layers at those steps; ``output_log_z`` is the mean over tokens of |ln Z|,
+    Z = sum_v exp(z_v) of the output logits z (what z-loss penalizes, Wortsman et al. 2024)."""
 
-    step_loss: list[float] = field(default_factory=list)
     watched_steps: list[int] = field(default_factory=list)
     max_logit: list[float] = field(default_factory=list)
     min_entropy: list[float] = field(default_factory=list)
     output_log_z: list[float] = field(default_factory=list)
-    token_accuracy: float = float("nan")
-
-    @property
-    def diverged(self) -> bool:
-        return any(not math.isfinite(v) for v in self.step_loss)
 
     def final_loss(self, window: int = 20) -> float:
         """Mean loss of the last ``window`` steps; inf if the run diverged."""
@@ -142,23 +137,22 @@ def train_and_watch(
     """Train ``model`` with Adam (betas 0.9, 0.98) on fresh batches of ``task`` and read its attention
     (:func:`attention_stats`) on a fixed batch before training and every ``watch_every`` steps.
 
-    The batches are those of :func:`normlib.book.tasks.train_on_task` with the same seed. Stops when
-    the loss becomes inf or NaN."""
+    The training is :func:`normlib.book.tasks.train_on_task`'s, with the same seed; it stops when the
+    loss becomes inf or NaN."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if watch_every < 1:
         raise ValueError(f"watch_every must be >= 1, got {watch_every}")
-    generator = torch.Generator().manual_seed(seed)
-    test_inputs, test_targets = make_batch(task, 512, length, torch.Generator().manual_seed(seed + 10_000))
-    watch_inputs = test_inputs[:64]  # (64, T): the fixed batch whose attention is read
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup_steps))
-    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    # train_on_task's held-out batch (the same seed): its first 64 sequences are the ones watched
+    test_inputs, _ = make_batch(task, 512, length, torch.Generator().manual_seed(seed + 10_000))
+    watch_inputs = test_inputs[:64]  # (64, T)
     history = WatchHistory()
 
     def watch(step: int) -> None:
+        if step % watch_every:
+            return
         max_logit, entropy = attention_stats(model, watch_inputs)
         history.watched_steps.append(step)
         history.max_logit.append(float(max_logit.max()))
@@ -169,23 +163,10 @@ def train_and_watch(
             model.train()
         history.output_log_z.append(log_z.abs().mean().item())
 
-    model.train()
-    watch(0)
-    for step in range(1, steps + 1):
-        inputs, targets = make_batch(task, batch_size, length, generator)
-        logits = model(inputs)  # (B, T, V)
-        loss = loss_fn(logits.flatten(0, 1), targets.flatten())  # over all B*T positions
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.step_loss.append(loss.item())
-        if not math.isfinite(history.step_loss[-1]):
-            break
-        if step % watch_every == 0:
-            watch(step)
-    if not history.diverged:
-        history.token_accuracy = evaluate(model, test_inputs, test_targets)[0]
+    train_on_task(
+        model, task, steps=steps, lr=lr, warmup_steps=warmup_steps, batch_size=batch_size,
+        length=length, seed=seed, history=history, on_step=watch,
+    )
     return history
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -126,6 +127,8 @@ def train_on_task(
     seed: int = 0,
     progress: bool = False,
     label: str = "",
+    history: SequenceHistory | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> SequenceHistory:
     """Train ``model`` (token ids (B, T) -> logits (B, T, 10)) with Adam on fresh batches of ``task``.
 
@@ -133,6 +136,9 @@ def train_on_task(
     clipping, because clipping would hide the instability that the warm-up experiment looks for.
     Stops early when the loss becomes inf or NaN. ``progress=True`` prints one line at the end.
     ``min_length`` makes the batches variable-length and padded (see :func:`make_batch`).
+    ``on_step(step)``, if given, runs before training (step 0) and after every step, for
+    measurements along the way; ``history`` is filled in instead of a new one (a subclass of
+    :class:`SequenceHistory` can carry those measurements).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -145,9 +151,11 @@ def train_on_task(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup_steps))
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
-    history = SequenceHistory()
+    history = SequenceHistory() if history is None else history
     model.train()
-    for _ in range(steps):
+    if on_step is not None:
+        on_step(0)
+    for step in range(1, steps + 1):
         inputs, targets = make_batch(task, batch_size, length, generator, min_length=min_length)
         logits = model(inputs)  # (B, T, V)
         loss = loss_fn(logits.flatten(0, 1), targets.flatten())  # over all B*T positions
@@ -158,6 +166,8 @@ def train_on_task(
         history.step_loss.append(loss.item())
         if not math.isfinite(history.step_loss[-1]):
             break
+        if on_step is not None:
+            on_step(step)
     if not history.diverged:
         history.token_accuracy, history.sequence_accuracy = evaluate(model, test_inputs, test_targets)
     if progress:
