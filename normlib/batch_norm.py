@@ -384,43 +384,40 @@ class _BatchNorm(_NormBase):
         )
 
 
-class BatchNorm1d(_BatchNorm):
+class _FixedRankBatchNorm(_BatchNorm):
+    """A BatchNorm whose input must have one of ``_ranks`` dimensions, shaped as ``_shapes`` says."""
+
+    _ranks: tuple[int, ...]
+    _shapes: str
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._ranks:
+            name = self._torch_twin.__name__  # the Lazy variants report the class they become
+            raise ValueError(
+                f"{name} expects input of shape {self._shapes}, got a {input.dim()}-D input "
+                f"of shape {tuple(input.shape)}"
+            )
+
+
+class BatchNorm1d(_FixedRankBatchNorm):
     """Batch normalization for (N, C) features or (N, C, L) sequences; a drop-in for nn.BatchNorm1d."""
 
     _torch_twin = nn.BatchNorm1d
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(
-                f"BatchNorm1d expects input of shape (N, C) or (N, C, L), got a {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
+    _ranks, _shapes = (2, 3), "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_FixedRankBatchNorm):
     """Batch normalization for (N, C, H, W) feature maps; a drop-in for nn.BatchNorm2d."""
 
     _torch_twin = nn.BatchNorm2d
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(
-                f"BatchNorm2d expects input of shape (N, C, H, W), got a {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
+    _ranks, _shapes = (4,), "(N, C, H, W)"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_FixedRankBatchNorm):
     """Batch normalization for (N, C, D, H, W) volumes; a drop-in for nn.BatchNorm3d."""
 
     _torch_twin = nn.BatchNorm3d
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(
-                f"BatchNorm3d expects input of shape (N, C, D, H, W), got a {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
+    _ranks, _shapes = (5,), "(N, C, D, H, W)"
 
 
 class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
