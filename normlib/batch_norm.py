@@ -225,7 +225,7 @@ def batch_norm(
             f"batch_norm in training needs more than one value per channel, got input of shape "
             f"{tuple(input.shape)} (N * prod(spatial) = 1); use a batch of at least 2 or training=False"
         )
-    return resolve("batch_norm", backend, input.device)(
+    return resolve("batch_norm", backend, input)(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
 

@@ -165,7 +165,7 @@ def dyt(
         raise ValueError(
             f"weight and bias must have the same shape, got {tuple(weight.shape)} and {tuple(bias.shape)}"
         )
-    return resolve("dyt", backend, input.device)(input, alpha, weight, bias)
+    return resolve("dyt", backend, input)(input, alpha, weight, bias)
 
 
 def dyt_torch(input: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -148,7 +148,7 @@ def group_norm(
     check_tensor_like_input(weight, "weight", input, (channels,))
     check_tensor_like_input(bias, "bias", input, (channels,))
     check_eps(eps)
-    return resolve("group_norm", backend, input.device)(input, num_groups, weight, bias, eps)
+    return resolve("group_norm", backend, input)(input, num_groups, weight, bias, eps)
 
 
 def group_norm_torch(

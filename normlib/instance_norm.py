@@ -177,7 +177,7 @@ def instance_norm(
             f"instance_norm with use_input_stats=True needs more than one spatial position per "
             f"channel, got input of shape {tuple(input.shape)}"
         )
-    return resolve("instance_norm", backend, input.device)(
+    return resolve("instance_norm", backend, input)(
         input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
     )
 

@@ -201,7 +201,7 @@ def layer_norm(
     check_tensor_like_input(weight, "weight", input, shape)
     check_tensor_like_input(bias, "bias", input, shape)
     check_eps(eps)
-    return resolve("layer_norm", backend, input.device)(input, shape, weight, bias, eps)
+    return resolve("layer_norm", backend, input, weight, bias)(input, shape, weight, bias, eps)
 
 
 def layer_norm_torch(
@@ -238,7 +238,7 @@ def add_layer_norm(
     check_tensor_like_input(weight, "weight", input, shape)
     check_tensor_like_input(bias, "bias", input, shape)
     check_eps(eps)
-    return resolve("add_layer_norm", backend, input.device)(input, residual, shape, weight, bias, eps)
+    return resolve("add_layer_norm", backend, input, weight, bias)(input, residual, shape, weight, bias, eps)
 
 
 def add_layer_norm_torch(

@@ -44,7 +44,7 @@ This file holds, in reading order: the NumPy reference (forward and backward), t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -213,18 +213,15 @@ def rms_norm(
         eps = RMS_NORM_DEFAULT_EPS[input.dtype]
     else:
         check_eps(eps)
-    function = resolve("rms_norm", backend, input.device)
     if casting == "torch" and offset == 0.0:  # checked first: the drop-in call stays cheap
-        return function(input, shape, weight, eps)
+        return resolve("rms_norm", backend, input, weight)(input, shape, weight, eps)
     check_convention(casting, offset, weight is not None)
     if casting != "torch" and input.is_complex():
         raise TypeError(
             f"casting={casting!r} computes a real input in float32; got {input.dtype}: use "
             f"casting='torch' for complex input"
         )
-    if function is rms_norm_torch:
-        return rms_norm_convention_torch(input, shape, weight, eps, offset, casting)
-    return _rms_norm_convention_fused(function, input, shape, weight, eps, offset, casting)
+    return _rms_norm_convention(backend, input, shape, weight, eps, offset, casting)
 
 
 #: The values of ``casting``, each named after the model code it transcribes.
@@ -274,8 +271,8 @@ def rms_norm_convention_torch(
     return x_hat.to(input.dtype)  # "gemma": one rounding, at the end
 
 
-def _rms_norm_convention_fused(
-    function: Callable[..., Tensor],
+def _rms_norm_convention(
+    backend: str,
     input: Tensor,
     normalized_shape: tuple[int, ...],
     weight: Tensor | None,
@@ -283,7 +280,9 @@ def _rms_norm_convention_fused(
     offset: float,
     casting: str,
 ) -> Tensor:
-    """A fused backend with ``offset`` and ``casting``, through the effective weight.
+    """``backend`` with ``offset`` and ``casting``: the "torch" implementation runs the model code
+    (:func:`rms_norm_convention_torch`); a fused one computes with the effective weight, with
+    which it is dispatched.
 
     The kernels compute in float32 (float64 for float64 input) and round once, so "gemma" is their
     own rounding given a weight ``offset + weight`` kept in the compute dtype. For "torch" and
@@ -291,15 +290,17 @@ def _rms_norm_convention_fused(
     weight of another dtype than the input's multiplies outside the kernel so that the result takes
     the promoted dtype, as ``weight * y`` does in the model code.
     """
+    if resolve("rms_norm", backend, input, weight) is rms_norm_torch:
+        return rms_norm_convention_torch(input, normalized_shape, weight, eps, offset, casting)
     if weight is None:
-        return function(input, normalized_shape, None, eps)
-    if casting == "gemma":
-        compute = torch.float64 if input.dtype == torch.float64 else torch.float32
-        return function(input, normalized_shape, offset + weight.to(compute), eps)
-    gamma = weight if offset == 0.0 else offset + weight
-    if casting == "torch" or gamma.dtype == input.dtype:
-        return function(input, normalized_shape, gamma, eps)
-    return gamma * function(input, normalized_shape, None, eps)
+        gamma = None
+    elif casting == "gemma":
+        gamma = offset + weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    else:
+        gamma = weight if offset == 0.0 else offset + weight
+        if casting == "llama" and gamma.dtype != input.dtype:
+            return gamma * resolve("rms_norm", backend, input, None)(input, normalized_shape, None, eps)
+    return resolve("rms_norm", backend, input, gamma)(input, normalized_shape, gamma, eps)
 
 
 def rms_norm_torch(
@@ -336,7 +337,7 @@ def add_rms_norm(
         eps = RMS_NORM_DEFAULT_EPS[input.dtype]
     else:
         check_eps(eps)
-    return resolve("add_rms_norm", backend, input.device)(input, residual, shape, weight, eps)
+    return resolve("add_rms_norm", backend, input, weight)(input, residual, shape, weight, eps)
 
 
 def add_rms_norm_torch(

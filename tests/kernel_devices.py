@@ -31,3 +31,19 @@ def configure_triton(environ: MutableMapping[str, str] = os.environ, cuda_availa
     if not cuda_available:
         environ.setdefault(INTERPRET, "1")
     return environ.get(INTERPRET, "0") == "1"
+
+
+def pretend_kernels_compiled_for_the_gpu(monkeypatch) -> None:
+    """As on a machine whose Triton kernels were defined for the GPU: CPU tensors cannot run them.
+
+    Whether they can is fixed when normlib's kernels are first imported
+    (``normlib.kernels._rows.INTERPRETED``), so the test sets that flag, not only the environment.
+    """
+    import sys
+
+    from normlib import backends
+
+    monkeypatch.setenv(INTERPRET, "0")
+    monkeypatch.setattr(backends, "_CANDIDATES", {})
+    if "normlib.kernels._rows" in sys.modules:
+        monkeypatch.setattr(sys.modules["normlib.kernels._rows"], "INTERPRETED", False)

@@ -34,11 +34,20 @@ CALLS = {
 }
 
 
-def test_every_op_has_a_torch_implementation_that_exists():
+def test_every_implementation_in_the_table_exists_and_torch_takes_every_input():
     assert set(CALLS) == set(backends.IMPLEMENTATIONS)
-    for op, implementations in backends.IMPLEMENTATIONS.items():
-        module_name, function_name = implementations["torch"].split(":")
-        assert callable(getattr(importlib.import_module(module_name), function_name)), op
+    for op, by_backend in backends.IMPLEMENTATIONS.items():
+        assert set(by_backend) <= set(backends.BACKENDS), op
+        torch_implementations = by_backend["torch"]
+        assert len(torch_implementations) == 1 and torch_implementations[0].supports(X, None, None) is None, op
+        for name, implementations in by_backend.items():
+            assert implementations, (op, name)
+            for implementation in implementations:
+                if name == "triton" and importlib.util.find_spec("triton") is None:
+                    continue
+                module_name, function_name = implementation.function.split(":")
+                assert callable(getattr(importlib.import_module(module_name), function_name)), implementation
+                assert callable(implementation.supports), implementation
 
 
 def test_available_backends_always_contains_torch():
@@ -77,21 +86,107 @@ def test_unavailable_backend_explains_itself(op, backend):
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
-def test_triton_on_a_cpu_tensor_without_the_interpreter_says_how_to_enable_it(op, monkeypatch):
+@pytest.mark.parametrize("kernels", ["not imported", "compiled for the GPU"])
+def test_triton_on_a_cpu_tensor_without_the_interpreter_says_how_to_enable_it(op, kernels, monkeypatch):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed: the error is then about installing it")
+    import sys
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backends, "_CANDIDATES", {})
+    if kernels == "not imported":  # TRITON_INTERPRET decides
+        monkeypatch.delitem(sys.modules, "normlib.kernels._rows", raising=False)
+        expected = r"TRITON_INTERPRET=1 is set before triton is imported\); got a tensor on 'cpu'"
+    else:  # imported: their mode decides, whatever the environment says now
+        from normlib.kernels import _rows
+
+        monkeypatch.setattr(_rows, "INTERPRETED", False)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        expected = "already imported compiled for the GPU, so set it before the first import"
     ours, _ = CALLS[op]
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(RuntimeError, match=expected):
         ours("triton")
+    assert "triton" not in normlib.available_backends(op, CPU)
 
 
-def test_auto_picks_the_first_backend_of_the_device_order_that_can_run():
-    for op, implementations in backends.IMPLEMENTATIONS.items():
-        runnable = normlib.available_backends(op, CPU)
-        expected = next((name for name in backends.AUTO_ORDER["cpu"] if name in runnable), "torch")
-        module_name, function_name = implementations[expected].split(":")
-        assert backends.resolve(op, "auto", CPU) is getattr(importlib.import_module(module_name), function_name), op
+def _implementation_of(function) -> tuple[str, str]:
+    """(backend, "module:function") of the table entry that names ``function``."""
+    target = f"{function.__module__}:{function.__name__}"
+    for by_backend in backends.IMPLEMENTATIONS.values():
+        for name, implementations in by_backend.items():
+            if any(i.function == target for i in implementations):
+                return name, target
+    raise AssertionError(f"{target} is not in normlib.backends.IMPLEMENTATIONS")
+
+
+def test_auto_picks_the_first_implementation_of_the_device_order_that_takes_the_input():
+    for op, by_backend in backends.IMPLEMENTATIONS.items():
+        runnable = [name for name in backends.AUTO_ORDER["cpu"] if name in normlib.available_backends(op, CPU)]
+        expected = next(
+            impl.function
+            for name in runnable
+            for impl in by_backend[name]
+            if impl.supports(X, W8, W8) is None
+        )
+        assert _implementation_of(backends.resolve(op, "auto", X, W8, W8))[1] == expected, op
+
+
+def _c_kernels(name: str) -> bool:
+    from normlib.cpu import native
+
+    return native.unavailable_reason(name) is None
+
+
+@pytest.mark.parametrize(
+    "op,input_dtype,weight_dtype,expected",
+    [
+        # the C kernels take one dtype for input and weight; the rest runs blocked PyTorch
+        ("rms_norm", torch.float32, torch.float32, "normlib.cpu:rms_norm_c"),
+        ("rms_norm", torch.bfloat16, torch.bfloat16, "normlib.cpu:rms_norm_c"),
+        ("rms_norm", torch.bfloat16, torch.float32, "normlib.cpu:rms_norm_blocked"),
+        ("rms_norm", torch.float64, torch.float64, "normlib.cpu:rms_norm_blocked"),
+        ("rms_norm", torch.complex64, None, "normlib.rms_norm:rms_norm_torch"),
+        ("add_rms_norm", torch.float32, None, "normlib.cpu:add_rms_norm_c"),
+        ("add_rms_norm", torch.float64, None, "normlib.cpu:add_rms_norm_blocked"),
+        ("add_layer_norm", torch.float32, torch.float32, "normlib.cpu:add_layer_norm_c"),
+        ("add_layer_norm", torch.float16, torch.float32, "normlib.cpu:add_layer_norm_aten"),
+        ("add_layer_norm", torch.float64, torch.float64, "normlib.cpu:add_layer_norm_aten"),
+    ],
+)
+def test_the_cpu_backend_runs_what_its_rules_choose(op, input_dtype, weight_dtype, expected):
+    if expected.endswith("_c") and not _c_kernels(op.removeprefix("add_")):
+        pytest.skip("the C kernels are not built on this machine")
+    x = X.to(input_dtype)
+    weight = None if weight_dtype is None else W8.to(weight_dtype)
+    bias = weight if op == "add_layer_norm" else None
+    for backend in ("cpu", "auto"):
+        assert _implementation_of(backends.resolve(op, backend, x, weight, bias)) == ("cpu" if "normlib.cpu" in expected else "torch", expected)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_the_triton_backend_refuses_float64_sends_empty_input_to_torch(op):
+    if "triton" not in normlib.available_backends(op, CPU):
+        pytest.skip("triton does not run on this machine's CPU (not installed, or TRITON_INTERPRET is off)")
+    with pytest.raises(TypeError, match=r"backend='triton' cannot run this input: the 'triton' kernels compute in float32.*got torch.float64"):
+        backends.resolve(op, "triton", X.double())
+    assert _implementation_of(backends.resolve(op, "triton", X)) == ("triton", f"normlib.kernels.{op.removeprefix('add_')}:{op}_triton")
+    assert _implementation_of(backends.resolve(op, "triton", X[:0])) == ("torch", f"normlib.{op.removeprefix('add_')}:{op}_torch")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_under_torch_func_every_backend_runs_torchs_op(backend):
+    if backend not in normlib.available_backends("rms_norm", CPU):
+        pytest.skip(f"{backend!r} does not run on this machine's CPU")
+    chosen = []
+
+    def norm(x):
+        chosen.append(backends.resolve("rms_norm", backend, x, W8))
+        return normlib.rms_norm(x, (8,), W8, backend=backend)
+
+    torch.func.vmap(norm)(X)
+    torch.func.grad(lambda x: norm(x).sum())(X)
+    assert [f.__name__ for f in chosen] == ["rms_norm_torch"] * 2
+    assert backends.resolve("rms_norm", backend, X, W8).__name__ != "rms_norm_torch"
 
 
 @pytest.mark.parametrize(
@@ -114,8 +209,8 @@ def test_implementations_receive_the_checked_arguments_positionally(op, call, ex
         received.update(args=args, kwargs=kwargs)
         return X
 
-    def fake_resolve(op_name, backend, device):
-        received.update(op=op_name, backend=backend, device=device)
+    def fake_resolve(op_name, backend, input, *parameters):
+        received.update(op=op_name, backend=backend, device=input.device)
         return spy
 
     module = importlib.import_module(f"normlib.{op.removeprefix('add_')}")
@@ -133,7 +228,10 @@ def test_implementations_receive_the_checked_arguments_positionally(op, call, ex
 def test_available_backends_without_device_lists_only_what_this_machine_can_run(monkeypatch):
     import torch
 
+    import sys
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delitem(sys.modules, "normlib.kernels._rows", raising=False)  # else their mode decides
     listed = normlib.available_backends()
     assert "cpu" in listed
     if not torch.cuda.is_available():

@@ -281,7 +281,9 @@ def test_kernel_module_on_the_triton_backend():
 
 @needs_triton
 def test_kernel_on_a_cpu_tensor_without_the_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from kernel_devices import pretend_kernels_compiled_for_the_gpu
+
+    pretend_kernels_compiled_for_the_gpu(monkeypatch)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         dyt(torch.randn(2, 8), 0.5, backend="triton")
 

@@ -330,7 +330,7 @@ def test_auto_never_sends_float64_to_the_float32_triton_kernels(op, monkeypatch)
     if "triton" not in normlib.available_backends(op, "cpu"):
         pytest.skip("triton does not run on this machine's CPU (TRITON_INTERPRET is off)")
     monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
-    monkeypatch.setattr(backends, "_RESOLVED", {})
+    monkeypatch.setattr(backends, "_CANDIDATES", {})
     function = getattr(normlib, op)
     x = torch.randn(3, 8, dtype=torch.float64) * 5 + 3
     residual = (torch.randn(3, 8, dtype=torch.float64),) if op.startswith("add_") else ()

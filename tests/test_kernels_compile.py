@@ -75,7 +75,7 @@ def test_kernel_built_for_the_gpu_refuses_a_cpu_tensor_clearly():
         "import torch\n"
         "from normlib.kernels.rms_norm import rms_norm_triton\n"
         "try:\n"
-        "    rms_norm_triton(torch.randn(2, 8), (8,), None, None)\n"
+        "    rms_norm_triton(torch.randn(2, 8), (8,), None, 1e-6)\n"
         "except RuntimeError as error:\n"
         "    print('RuntimeError:', error)\n"
     )

@@ -6,7 +6,9 @@ temporary, so it costs about three times ``F.layer_norm``, which is one fused ke
 of the chain is worse still. And "h = x + residual; norm(h)" in PyTorch writes h and reads it
 back, and adds the two gradients of h in a pass of its own.
 
-What runs (the functions below are the "cpu" backend's entries in :mod:`normlib.backends`):
+What runs (the functions at the end of each section are the "cpu" backend's entries in
+:data:`normlib.backends.IMPLEMENTATIONS`, which also says which inputs each one takes; nothing here
+chooses between them):
 
 ``rms_norm.c`` and ``layer_norm.c`` (built and called by :mod:`normlib.cpu.native`)
     C kernels compiled on first use into Python extensions: each row is read from memory once,
@@ -37,18 +39,20 @@ against their PyTorch peers):
   being built, and no reshaping for contiguous 2-D input.
 
 All ops here take their arguments already checked by the public op (normlib/rms_norm.py,
-normlib/layer_norm.py), support any leading shape and non-contiguous inputs (copied to contiguous
+normlib/layer_norm.py) and dispatched by normlib.backends, support any leading shape and non-contiguous inputs (copied to contiguous
 rows first), and autograd to any order: the first derivative runs in the C kernels, and a backward
 with ``create_graph=True`` (double backward: gradient penalties, Hessian-vector products)
 recomputes the forward with PyTorch's ops and differentiates that, so higher derivatives are
-PyTorch's own. Where the C kernels cannot take part (torch.func's transforms, torch.jit.trace,
-complex input) the ops run PyTorch's composite instead; :mod:`normlib._autograd` says why.
+PyTorch's own. Where no kernel can take part (torch.func's transforms, torch.jit.trace,
+complex input) normlib.backends runs PyTorch's op instead.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,17 +60,20 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from normlib._autograd import (
-    add_layer_norm_composite as _add_layer_norm_composite,
     add_norm_double_backward as _add_norm_double_backward,
-    add_rms_norm_composite as _add_rms_norm_composite,
     double_backward as _double_backward,
     rms_norm_composite as _rms_norm_composite,
-    torch_ops_only as _torch_ops_only,
 )
-from normlib._checks import RMS_NORM_DEFAULT_EPS
 from normlib.cpu import blocked, native
 
-__all__ = ["rms_norm_cpu", "add_rms_norm_cpu", "add_layer_norm_cpu"]
+__all__ = [
+    "rms_norm_c",
+    "rms_norm_blocked",
+    "add_rms_norm_c",
+    "add_rms_norm_blocked",
+    "add_layer_norm_c",
+    "add_layer_norm_aten",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,27 +117,58 @@ def _needs_autograd(*tensors: Tensor | None) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+class _RowKernels(NamedTuple):
+    """One way to compute RMSNorm over contiguous (rows, width) rows: the C kernels or blocked PyTorch."""
+
+    # (x, residual or None, weight or None, eps) -> (y, h or None, rstd or None): rstd is None
+    # where the backward recomputes it (the C kernels)
+    forward: Callable[..., tuple[Tensor, Tensor | None, Tensor | None]]
+    # (dy, dh or None, x, rstd, weight, eps, needs_dx, needs_dweight) -> (dx, dweight)
+    backward: Callable[..., tuple[Tensor | None, Tensor | None]]
+
+
+def _c_forward(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor | None, None]:
+    y, h = native.rms_norm_forward(x, residual, _vector(weight, x.shape[1], x.dtype), eps)
+    return y, h, None
+
+
+def _c_backward(
+    dy: Tensor, dh: Tensor | None, x: Tensor, _rstd: None, weight: Tensor | None, eps: float,
+    needs_dx: bool, needs_dweight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    return native.rms_norm_backward(dy, dh, x, _vector(weight, x.shape[1], x.dtype), eps, needs_dx, needs_dweight)
+
+
+def _blocked_backward(
+    dy: Tensor, dh: Tensor | None, x: Tensor, rstd: Tensor, weight: Tensor | None, _eps: float,
+    needs_dx: bool, needs_dweight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    return blocked.backward(dy, dh, x, rstd, weight, needs_dx, needs_dweight)
+
+
+C_KERNELS = _RowKernels(_c_forward, _c_backward)
+BLOCKED = _RowKernels(blocked.forward, _blocked_backward)
+
+
 def _rms_forward(
+    kernels: _RowKernels,
     input: Tensor,
     residual: Tensor | None,
     weight: Tensor | None,
     shape: tuple[int, ...],
     eps: float,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Returns ``(y, h, normalized, rstd)``: y and h (None without a residual) shaped
-    like the input, and what the backward needs: ``normalized`` (h, or the input) as contiguous
-    (rows, width), and rstd (rows,) from the fallback (the C backward recomputes it: None)."""
-    dtype = input.dtype
+    """Returns ``(y, h, normalized, rstd)``: y and h (None without a residual) shaped like the
+    input, and what the backward needs: ``normalized`` (h, or the input) as contiguous
+    (rows, width), and rstd (rows,) where the kernels' backward does not recompute it (else None)."""
     if len(shape) == 1 and input.dim() == 2 and input.is_contiguous() and (residual is None or residual.is_contiguous()):
         x, res, flat = input, residual, False
     else:
         x = _as_rows(input, math.prod(input.shape[: input.dim() - len(shape)]), math.prod(shape))
         res, flat = _as_rows(residual, *x.shape), True
-    if (weight is None or weight.dtype == dtype) and native.supports(dtype):
-        y, h = native.rms_norm_forward(x, res, _vector(weight, x.shape[1], dtype), eps)
-        rstd = None
-    else:
-        y, h, rstd = blocked.forward(x, res, weight, eps)
+    y, h, rstd = kernels.forward(x, res, weight, eps)
     normalized = x if h is None else h
     if flat:
         y = y.view(input.shape)
@@ -139,22 +177,21 @@ def _rms_forward(
 
 
 def _rms_norm_forward(
-    input: Tensor, weight: Tensor | None, shape: tuple[int, ...], eps: float
+    kernels: _RowKernels, input: Tensor, weight: Tensor | None, shape: tuple[int, ...], eps: float
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """RMSNorm without a residual: ``(y, x as (rows, width), rstd)`` as in :func:`_rms_forward`.
-    Contiguous 2-D input with a weight of its dtype, the usual call, goes straight to the kernel:
-    on a single row the general path's bookkeeping costs a third of the op."""
+    Contiguous 2-D input with a weight, the usual call, goes straight to the C kernel: on a single
+    row the general path's bookkeeping costs a third of the op."""
     if (
-        input.dim() == 2
+        kernels is C_KERNELS
+        and input.dim() == 2
         and len(shape) == 1
         and input.is_contiguous()
         and weight is not None
-        and weight.dtype is input.dtype
         and weight.is_contiguous()
-        and native.supports(input.dtype)
     ):
         return native.rms_norm(input, weight, eps), input, None
-    y, _, x, rstd = _rms_forward(input, None, weight, shape, eps)
+    y, _, x, rstd = _rms_forward(kernels, input, None, weight, shape, eps)
     return y, x, rstd
 
 
@@ -167,12 +204,7 @@ def _rms_backward(
     rows, width = x.shape
     dy_rows, dh_rows = _as_rows(dy, rows, width), _as_rows(dh, rows, width)
     needs_dweight = needs_dweight and weight is not None
-    if rstd is None:  # the C kernels ran the forward
-        dx, dweight = native.rms_norm_backward(
-            dy_rows, dh_rows, x, _vector(weight, width, x.dtype), ctx.eps, needs_dx, needs_dweight
-        )
-    else:
-        dx, dweight = blocked.backward(dy_rows, dh_rows, x, rstd, weight, needs_dx, needs_dweight)
+    dx, dweight = ctx.kernels.backward(dy_rows, dh_rows, x, rstd, weight, ctx.eps, needs_dx, needs_dweight)
     if dx is not None and dx.shape != dy.shape:
         dx = dx.view(dy.shape)
     if dweight is not None:
@@ -184,16 +216,21 @@ def _rms_backward(
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = rms_norm(x) as one graph node."""
+    """y = rms_norm(x) as one graph node, computed by ``kernels``."""
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, input: Tensor, weight: Tensor | None, shape: tuple[int, ...], eps: float
+        ctx: FunctionCtx,
+        input: Tensor,
+        weight: Tensor | None,
+        shape: tuple[int, ...],
+        eps: float,
+        kernels: _RowKernels,
     ) -> Tensor:
-        y, x, rstd = _rms_norm_forward(input, weight, shape, eps)
+        y, x, rstd = _rms_norm_forward(kernels, input, weight, shape, eps)
         # input itself too (no copy): a double backward recomputes from it (see _double_backward)
         ctx.save_for_backward(x, weight, rstd, input)
-        ctx.eps, ctx.shape = eps, shape
+        ctx.eps, ctx.shape, ctx.kernels = eps, shape, kernels
         return y
 
     @staticmethod
@@ -204,13 +241,13 @@ class _RMSNormFunction(torch.autograd.Function):
             dx, dweight = _double_backward(
                 lambda i, w: _rms_norm_composite(i, w, ctx.shape, ctx.eps), (input, weight), (dy,), needs[:2]
             )
-            return dx, dweight, None, None
-        dx, dweight = _rms_backward(ctx, dy, None, needs[0], needs[1])
-        return dx, dweight, None, None
+        else:
+            dx, dweight = _rms_backward(ctx, dy, None, needs[0], needs[1])
+        return dx, dweight, None, None, None
 
 
 class _AddRMSNormFunction(torch.autograd.Function):
-    """(y, h) = (rms_norm(x + residual), x + residual) as one graph node."""
+    """(y, h) = (rms_norm(x + residual), x + residual) as one graph node, computed by ``kernels``."""
 
     @staticmethod
     def forward(
@@ -220,12 +257,13 @@ class _AddRMSNormFunction(torch.autograd.Function):
         weight: Tensor | None,
         shape: tuple[int, ...],
         eps: float,
+        kernels: _RowKernels,
     ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to add
-        y, h, h_rows, rstd = _rms_forward(input, residual, weight, shape, eps)
+        y, h, h_rows, rstd = _rms_forward(kernels, input, residual, weight, shape, eps)
         # the output h itself too (h_rows may be its base): a double backward differentiates at it
         ctx.save_for_backward(h_rows, weight, rstd, h)
-        ctx.eps, ctx.shape = eps, shape
+        ctx.eps, ctx.shape, ctx.kernels = eps, shape, kernels
         return y, h
 
     @staticmethod
@@ -236,59 +274,64 @@ class _AddRMSNormFunction(torch.autograd.Function):
             dx, (dweight,) = _add_norm_double_backward(
                 lambda h_, w: _rms_norm_composite(h_, w, ctx.shape, ctx.eps)[0], h, (weight,), dy, dh, (needs[2],)
             )
-            return dx, dx, dweight, None, None
+            return dx, dx, dweight, None, None, None
         if dy is None:  # only h was used downstream: the norm contributes nothing
-            return dh, dh, None, None, None
+            return dh, dh, None, None, None, None
         dx, dweight = _rms_backward(ctx, dy, dh, needs[0] or needs[1], needs[2])
         # h = input + residual: both receive dL/dh unchanged (autograd copies before accumulating)
-        return dx, dx, dweight, None, None
+        return dx, dx, dweight, None, None, None
 
 
-def rms_norm_cpu(
-    input: Tensor,
-    normalized_shape: tuple[int, ...],
-    weight: Tensor | None,
-    eps: float | None,
-) -> Tensor:
-    """The "cpu" backend of :func:`normlib.rms_norm`; ``eps=None`` is torch's default (see normlib._checks)."""
-    if eps is None:
-        eps = RMS_NORM_DEFAULT_EPS[input.dtype]
-    if _torch_ops_only(input):
-        return _rms_norm_composite(input, weight, normalized_shape, eps)[0]
+# The "cpu" backend's entries for rms_norm and add_rms_norm (see IMPLEMENTATIONS in
+# normlib.backends, which says which inputs each takes). Inference calls skip autograd.Function's
+# overhead.
+
+
+def rms_norm_c(input: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float) -> Tensor:
+    """:func:`normlib.rms_norm` in the C kernels."""
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)):
-        return _RMSNormFunction.apply(input, weight, normalized_shape, eps)
-    return _rms_norm_forward(input, weight, normalized_shape, eps)[0]
+        return _RMSNormFunction.apply(input, weight, normalized_shape, eps, C_KERNELS)
+    return _rms_norm_forward(C_KERNELS, input, weight, normalized_shape, eps)[0]
 
 
-def add_rms_norm_cpu(
+def rms_norm_blocked(input: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float) -> Tensor:
+    """:func:`normlib.rms_norm` in blocked PyTorch (:mod:`normlib.cpu.blocked`)."""
+    if _needs_autograd(input, weight):
+        return _RMSNormFunction.apply(input, weight, normalized_shape, eps, BLOCKED)
+    return _rms_norm_forward(BLOCKED, input, weight, normalized_shape, eps)[0]
+
+
+def _add_rms_norm(
+    kernels: _RowKernels,
     input: Tensor,
     residual: Tensor,
     normalized_shape: tuple[int, ...],
     weight: Tensor | None,
-    eps: float | None,
+    eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """The "cpu" backend of :func:`normlib.add_rms_norm`: ``(rms_norm(h), h)`` with h = input + residual."""
-    if eps is None:
-        eps = RMS_NORM_DEFAULT_EPS[input.dtype]
-    if _torch_ops_only(input):
-        return _add_rms_norm_composite(input, residual, weight, normalized_shape, eps)
     if _needs_autograd(input, residual, weight):
-        return _AddRMSNormFunction.apply(input, residual, weight, normalized_shape, eps)
-    y, h, _, _ = _rms_forward(input, residual, weight, normalized_shape, eps)
+        return _AddRMSNormFunction.apply(input, residual, weight, normalized_shape, eps, kernels)
+    y, h, _, _ = _rms_forward(kernels, input, residual, weight, normalized_shape, eps)
     return y, h
+
+
+def add_rms_norm_c(
+    input: Tensor, residual: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`normlib.add_rms_norm` in the C kernels: ``(rms_norm(h), h)`` with h = input + residual."""
+    return _add_rms_norm(C_KERNELS, input, residual, normalized_shape, weight, eps)
+
+
+def add_rms_norm_blocked(
+    input: Tensor, residual: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`normlib.add_rms_norm` in blocked PyTorch."""
+    return _add_rms_norm(BLOCKED, input, residual, normalized_shape, weight, eps)
 
 
 # ----------------------------------------------------------------------------------------------
 # Residual add + LayerNorm: the C kernels, else PyTorch's LayerNorm kernels in one graph node
 # ----------------------------------------------------------------------------------------------
-
-
-def _native_layer_norm_ok(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    return (
-        (weight is None or weight.dtype == input.dtype)
-        and (bias is None or bias.dtype == input.dtype)
-        and native.supports(input.dtype, "layer_norm")
-    )
 
 
 def _fused_add_layer_norm(
@@ -408,7 +451,7 @@ class _AddLayerNormFunction(torch.autograd.Function):
         return dx, dx, dweight, dbias, None, None
 
 
-def add_layer_norm_cpu(
+def add_layer_norm_c(
     input: Tensor,
     residual: Tensor,
     normalized_shape: tuple[int, ...],
@@ -416,13 +459,21 @@ def add_layer_norm_cpu(
     bias: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """The "cpu" backend of :func:`normlib.add_layer_norm`: ``(layer_norm(h), h)`` with h = input + residual."""
-    if _torch_ops_only(input):
-        return _add_layer_norm_composite(input, residual, weight, bias, normalized_shape, eps)
-    if _native_layer_norm_ok(input, weight, bias):
-        if _needs_autograd(input, residual, weight, bias):
-            return _FusedAddLayerNormFunction.apply(input, residual, weight, bias, normalized_shape, eps)
-        return _fused_add_layer_norm(input, residual, weight, bias, normalized_shape, eps)[:2]
+    """:func:`normlib.add_layer_norm` in the C kernels: ``(layer_norm(h), h)`` with h = input + residual."""
+    if _needs_autograd(input, residual, weight, bias):
+        return _FusedAddLayerNormFunction.apply(input, residual, weight, bias, normalized_shape, eps)
+    return _fused_add_layer_norm(input, residual, weight, bias, normalized_shape, eps)[:2]
+
+
+def add_layer_norm_aten(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`normlib.add_layer_norm` with PyTorch's LayerNorm kernels, the add in the same graph node."""
     if _needs_autograd(input, residual, weight, bias):
         return _AddLayerNormFunction.apply(input, residual, weight, bias, normalized_shape, eps)
     h = _add_contiguous(input, residual)

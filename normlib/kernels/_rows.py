@@ -14,11 +14,12 @@ around that view and the second stage of the backward pass:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from normlib.backends import triton_device_reason
 
 # Rows of up to 64 KiB are held whole in one block of registers, as in Triton's layer-norm and
 # softmax tutorials; past that a block would spill, so wider rows take the looped path, which walks
@@ -38,20 +39,12 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 
 
-def check_device(tensor: torch.Tensor, kernel: object, name: str) -> None:
-    """Fail clearly where a launch would crash: a CPU tensor needs the interpreter, and the
-    interpreter must have been on when the kernel was defined (``@triton.jit`` decides then)."""
-    if tensor.device.type == "cuda":
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if tensor.device.type != "cpu" or not isinstance(kernel, InterpretedFunction):
-        raise RuntimeError(
-            f"{name}: the Triton kernels run CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 is "
-            f"set before triton is first imported; got a tensor on {tensor.device.type!r} "
-            f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')!s}, kernel compiled "
-            f"{'for the interpreter' if isinstance(kernel, InterpretedFunction) else 'for the GPU'})"
-        )
+def check_device(tensor: torch.Tensor, name: str) -> None:
+    """Fail clearly where a launch would crash (an entry point called directly, not through
+    normlib.backends): the rule is :func:`normlib.backends.triton_device_reason`'s."""
+    reason = triton_device_reason(tensor.device)
+    if reason is not None:
+        raise RuntimeError(f"{name}: {reason}")
 
 
 def as_rows(tensor: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -118,6 +111,11 @@ def _sum_partials_kernel(
         acc += tl.load(partial_row, mask=mask, other=0.0)
         partial_row += n_cols
     tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+# Whether @triton.jit defined this module's kernels (and those of the modules importing it, defined
+# in the same import) for Triton's CPU interpreter rather than for the GPU: fixed from here on.
+INTERPRETED = isinstance(_sum_partials_kernel, InterpretedFunction)
 
 
 # Columns per program in the second stage: it streams n_partials x BLOCK floats per program, a

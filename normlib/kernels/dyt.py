@@ -161,7 +161,7 @@ def _row_width(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 def _forward(
     x: torch.Tensor, alpha: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    check_device(x, _dyt_fwd_kernel, "dyt_triton")
+    check_device(x, "dyt_triton")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
@@ -192,7 +192,7 @@ def _backward(
     bias: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx, dalpha, dw, db); dw and db are None for an absent weight or bias."""
-    check_device(x, _dyt_bwd_kernel, "dyt_triton (backward)")
+    check_device(x, "dyt_triton (backward)")
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_cols = _row_width(x, weight, bias)
     n_rows = x.numel() // n_cols if n_cols else 0

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from normlib._autograd import add_layer_norm_composite, layer_norm_composite
+from normlib._autograd import layer_norm_composite
 from normlib.kernels import row_norm
 
 __all__ = ["layer_norm_triton", "add_layer_norm_triton"]
@@ -63,7 +63,8 @@ def _(dy, dh, x, weight, bias, mean, rstd, n_cols):
 row_norm.register_autograd(_layer_norm_fwd_op, _layer_norm_bwd_op, layer_norm_composite)
 
 
-# Entry points named in normlib.backends.IMPLEMENTATIONS (arguments already checked by the public op).
+# Entry points named in normlib.backends.IMPLEMENTATIONS, which says which inputs they take (the
+# public op has checked the arguments).
 
 
 def layer_norm_triton(
@@ -74,8 +75,6 @@ def layer_norm_triton(
     eps: float,
 ) -> torch.Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims with the fused Triton kernels."""
-    if row_norm.composite_instead(input):
-        return layer_norm_composite(input, weight, bias, tuple(normalized_shape), eps)[0]
     y, _h, _mean, _rstd = _layer_norm_fwd_op(input, None, weight, bias, math.prod(normalized_shape), float(eps))
     return y
 
@@ -89,8 +88,6 @@ def add_layer_norm_triton(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(LayerNorm(input + residual), input + residual) in one pass over memory."""
-    if row_norm.composite_instead(input):
-        return add_layer_norm_composite(input, residual, weight, bias, tuple(normalized_shape), eps)
     y, h, _mean, _rstd = _layer_norm_fwd_op(
         input, residual, weight, bias, math.prod(normalized_shape), float(eps)
     )

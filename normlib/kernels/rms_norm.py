@@ -14,8 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from normlib._autograd import add_rms_norm_composite, rms_norm_composite
-from normlib._checks import RMS_NORM_DEFAULT_EPS
+from normlib._autograd import rms_norm_composite
 from normlib.kernels import row_norm
 
 __all__ = ["rms_norm_triton", "add_rms_norm_triton"]
@@ -55,24 +54,19 @@ row_norm.register_autograd(_rms_norm_fwd_op, _rms_norm_bwd_op, rms_norm_composit
 
 
 def rms_norm_triton(
-    input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor], eps: Optional[float]
+    input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor], eps: float
 ) -> torch.Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims with the fused Triton kernels (an entry
-    point named in normlib.backends.IMPLEMENTATIONS; the public op has checked the arguments)."""
-    eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps  # None: torch's default
-    if row_norm.composite_instead(input):
-        return rms_norm_composite(input, weight, tuple(normalized_shape), eps)[0]
+    point named in normlib.backends.IMPLEMENTATIONS, which says which inputs it takes; the public
+    op has checked the arguments and resolved eps=None)."""
     y, _h, _rstd = _rms_norm_fwd_op(input, None, weight, math.prod(normalized_shape), eps)
     return y
 
 
 def add_rms_norm_triton(
     input: torch.Tensor, residual: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
-    eps: Optional[float],
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(input + residual), input + residual) in one pass over memory."""
-    eps = RMS_NORM_DEFAULT_EPS[input.dtype] if eps is None else eps  # None: torch's default
-    if row_norm.composite_instead(input):
-        return add_rms_norm_composite(input, residual, weight, tuple(normalized_shape), eps)
     y, h, _rstd = _rms_norm_fwd_op(input, residual, weight, math.prod(normalized_shape), eps)
     return y, h

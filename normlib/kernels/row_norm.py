@@ -51,8 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from normlib._autograd import add_norm_double_backward, double_backward, torch_ops_only
-from normlib.backends import BACKENDS
+from normlib._autograd import add_norm_double_backward, double_backward
+from normlib.backends import triton_dtypes
 from normlib.kernels._rows import (
     as_rows,
     backward_programs,
@@ -394,7 +394,11 @@ def _forward(
     is_rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """(y, h, mean, rstd); h is an empty tensor when there is no residual, mean is None for RMSNorm."""
-    check_device(x, _row_norm_fwd_kernel, "rms_norm_triton" if is_rms else "layer_norm_triton")
+    name = "rms_norm_triton" if is_rms else "layer_norm_triton"
+    check_device(x, name)
+    reason = triton_dtypes(x, weight, bias)
+    if reason is not None:  # a direct call: normlib.backends never sends these dtypes here
+        raise TypeError(f"{name}: {reason}")
     x_rows = as_rows(x, n_cols)  # (n_rows, n_cols)
     n_rows = x_rows.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -440,7 +444,7 @@ def _backward(
     """(dx, dw, db) from the saved normalized input ``x`` (h with a residual); ``mean`` is None for
     RMSNorm, and dw, db are None for an absent weight, bias."""
     is_rms = mean is None
-    check_device(x, _row_norm_bwd_kernel, f"{'rms' if is_rms else 'layer'}_norm_triton (backward)")
+    check_device(x, f"{'rms' if is_rms else 'layer'}_norm_triton (backward)")
     x_rows = as_rows(x, n_cols)
     dy_rows = as_rows(dy, n_cols)
     dh_rows = as_rows(dh, n_cols) if dh is not None else dy_rows
@@ -572,14 +576,3 @@ def register_autograd(
         return dx, dresidual, *grads, None, None  # nothing for n_cols and eps
 
     forward_op.register_autograd(backward, setup_context=setup_context)
-
-
-def composite_instead(input: torch.Tensor) -> bool:
-    """Whether PyTorch's composite runs instead of the kernels: an empty input (nothing to launch;
-    a zero-width row has no statistics), a torch.func transform or torch.jit.trace
-    (:func:`normlib._autograd.torch_ops_only`). A dtype the float32 kernels would compute less
-    precisely than it promises (float64, complex) is refused rather than computed wrongly."""
-    reason = BACKENDS["triton"].unsupported_dtype_reason(input.dtype)
-    if reason is not None:
-        raise TypeError(f"backend='triton' cannot run this input: {reason}")
-    return input.numel() == 0 or torch_ops_only(input)
