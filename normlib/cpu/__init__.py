@@ -452,11 +452,7 @@ class _AddLayerNormFunction(torch.autograd.Function):
 
 
 def add_layer_norm_c(
-    input: Tensor,
-    residual: Tensor,
-    normalized_shape: tuple[int, ...],
-    weight: Tensor | None,
-    bias: Tensor | None,
+    input: Tensor, residual: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
     """:func:`normlib.add_layer_norm` in the C kernels: ``(layer_norm(h), h)`` with h = input + residual."""
@@ -466,11 +462,7 @@ def add_layer_norm_c(
 
 
 def add_layer_norm_aten(
-    input: Tensor,
-    residual: Tensor,
-    normalized_shape: tuple[int, ...],
-    weight: Tensor | None,
-    bias: Tensor | None,
+    input: Tensor, residual: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
     """:func:`normlib.add_layer_norm` with PyTorch's LayerNorm kernels, the add in the same graph node."""
