@@ -111,7 +111,7 @@ class Backend:
     unsupported_device_reason: Callable[[torch.device], str | None]
 
 
-#: The names a user can pass as ``backend=`` (besides "auto"), and where each can run.
+#: The names a user can pass as ``backend=`` besides "auto", and where each can run.
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", _always, _always),
     # always available: without a C compiler its ops run plain PyTorch (normlib/cpu/blocked.py)
@@ -127,9 +127,9 @@ BACKENDS: dict[str, Backend] = {
 # returns None if the implementation computes that input as documented, else why not. Rules run on
 # every call, so they only compare.
 
-#: The input dtypes of the Triton kernels. They hold their statistics and arithmetic in float32: a
-#: float64 input would be computed to float32's precision and returned as float64 that looks exact
-#: but is not.
+#: The input dtypes the Triton kernels take. They hold their statistics and arithmetic in float32,
+#: so a float64 input would be computed to float32's precision and returned as float64 that looks
+#: exact but is not.
 TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
@@ -213,8 +213,9 @@ def _only(function: str) -> tuple[Implementation, ...]:
     return (Implementation(function),)
 
 
-#: op -> backend -> its implementations of the op, in order of preference: :func:`resolve` runs the
-#: first whose rule takes the input.
+#: For each op, each backend's implementations of it in order of preference (op, then backend
+#: name, then a tuple of :class:`Implementation`). :func:`resolve` runs the first whose rule takes
+#: the input.
 IMPLEMENTATIONS: dict[str, dict[str, tuple[Implementation, ...]]] = {
     "batch_norm": {"torch": _only("normlib.batch_norm:batch_norm_torch")},
     "instance_norm": {"torch": _only("normlib.instance_norm:instance_norm_torch")},
@@ -268,8 +269,8 @@ IMPLEMENTATIONS: dict[str, dict[str, tuple[Implementation, ...]]] = {
     },
 }
 
-#: The backends "auto" tries, per device type: fused first, PyTorch as the fallback that always
-#: works. Triton is not auto-picked on the CPU even under the interpreter: the interpreter is for
+#: The backends "auto" tries for each device type, fused first and PyTorch last, as the fallback
+#: that always works. Triton is not auto-picked on the CPU even under the interpreter, which is for
 #: testing and is orders of magnitude slower than PyTorch.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "torch"),

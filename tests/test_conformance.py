@@ -13,7 +13,7 @@ limit, not by a huge width.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
@@ -331,16 +331,22 @@ def test_custom_op_registration_passes_opcheck(op):
         torch.library.opcheck(kernels._rms_norm_fwd_op, (x, residual.requires_grad_(), w, 16, 1e-6))
 
 
+@pytest.mark.parametrize("through", ["kernel entry", "public op"])
 @pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
-def test_runs_inside_torch_compile_without_graph_breaks(op):
+def test_runs_inside_torch_compile_without_graph_breaks(op, through):
     # fullgraph=True fails on any graph break; "aot_eager" traces forward and backward through the
     # fake implementations and the autograd registration without Inductor's slow CPU compile.
+    # Through the public op, the argument checks and normlib.backends' dispatch are traced too.
     kernels, device = _kernels(op), kernel_device()
-    fused: Optional[Callable] = getattr(kernels, f"{op}_triton")
+    if through == "kernel entry":
+        entry: Callable = getattr(kernels, f"{op}_triton")
+        fused = lambda x, r, shape, *params: entry(x, r, shape, *params, 1e-5 if op == "add_layer_norm" else 1e-6)  # noqa: E731
+    else:
+        fused = lambda x, r, shape, *params: getattr(normlib, op)(x, r, shape, *params, backend="triton")  # noqa: E731
     extra = [(37,)] if op == "add_layer_norm" else []
 
     def block(x, residual, w, *bias):
-        y, h = fused(x, residual, (37,), w, *bias, 1e-5 if op == "add_layer_norm" else 1e-6)
+        y, h = fused(x, residual, (37,), w, *bias)
         return (y.sin() + h).sum()
 
     shapes = [(5, 37), (5, 37), (37,)] + extra
