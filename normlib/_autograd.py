@@ -4,12 +4,14 @@ A fused kernel is opaque to the parts of PyTorch that look inside an op: torch.f
 (``grad``, ``jacrev``, ``vmap``) see no batched or wrapped tensor inside a C or Triton kernel,
 ``torch.jit.trace`` cannot record what a C extension does (it would record an empty output and
 replay uninitialized memory), and the kernels' backward passes are themselves not differentiable.
-So the fused backends
+So
 
-* run the PyTorch composite below instead of their kernels while a torch.func transform is active
-  or ``torch.jit.trace`` is recording (:func:`torch_ops_only`), and
-* answer a backward with ``create_graph=True`` (double backward: gradient penalties,
-  Hessian-vector products) with :func:`double_backward`, which differentiates the composite.
+* while a torch.func transform is active or ``torch.jit.trace`` is recording, normlib.backends runs
+  the op's "torch" implementation instead of a fused one (one rule for every op, in
+  ``normlib.backends.resolve``), and
+* the fused backends answer a backward with ``create_graph=True`` (double backward: gradient
+  penalties, Hessian-vector products) with :func:`double_backward`, which differentiates the
+  PyTorch composite below.
 
 On the ordinary path this costs a few flag checks per call; the recomputation runs only when a
 graph of the backward is asked for.
@@ -30,23 +32,11 @@ from torch import Tensor, nn
 
 __all__ = [
     "scriptable_twin",
-    "torch_ops_only",
     "double_backward",
     "add_norm_double_backward",
     "rms_norm_composite",
-    "add_rms_norm_composite",
     "layer_norm_composite",
-    "add_layer_norm_composite",
 ]
-
-
-def torch_ops_only(input: Tensor) -> bool:
-    """Whether PyTorch's composite must run instead of a fused kernel: under a torch.func transform,
-    while torch.jit.trace records, or for complex input (the kernels are real-valued). While
-    torch.compile traces, the kernels' registered fake implementations stand in for them instead."""
-    if torch.compiler.is_compiling():
-        return input.is_complex()
-    return torch._C._are_functorch_transforms_active() or torch._C._is_tracing() or input.is_complex()
 
 
 def double_backward(
@@ -115,29 +105,10 @@ def rms_norm_composite(
     return (F.rms_norm(input, shape, weight, eps),)
 
 
-def add_rms_norm_composite(
-    input: Tensor, residual: Tensor, weight: Tensor | None, shape: tuple[int, ...], eps: float
-) -> tuple[Tensor, Tensor]:
-    h = input + residual
-    return F.rms_norm(h, shape, weight, eps), h
-
-
 def layer_norm_composite(
     input: Tensor, weight: Tensor | None, bias: Tensor | None, shape: tuple[int, ...], eps: float
 ) -> tuple[Tensor]:
     return (F.layer_norm(input, shape, weight, bias, eps),)
-
-
-def add_layer_norm_composite(
-    input: Tensor,
-    residual: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    shape: tuple[int, ...],
-    eps: float,
-) -> tuple[Tensor, Tensor]:
-    h = input + residual
-    return F.layer_norm(h, shape, weight, bias, eps), h
 
 
 def scriptable_twin(module: nn.Module, twin: nn.Module) -> nn.Module:
