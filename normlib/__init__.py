@@ -17,8 +17,9 @@ dyt.py             ``dyt``, ``DyT`` (Dynamic Tanh, an element-wise stand-in for 
 norm_free.py       ``ScaledWSConv2d``, ``adaptive_grad_clip``, ``SkipInit`` (training without norms)
 group_norm.py      ``group_norm``, ``GroupNorm``
 instance_norm.py   ``instance_norm``, ``InstanceNorm1d``, ``InstanceNorm2d``, ``InstanceNorm3d``
-backends.py        which implementation runs: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``
-cpu.py             the fused CPU path
+backends.py        which implementation runs (``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``), and
+                   ``explain_dispatch``, which says why
+cpu/               the fused CPU path: C kernels, and blocked PyTorch where they cannot run
 kernels/           the Triton kernels, imported only when used
 distributed.py     BatchNorm with statistics synchronized across processes
 convert.py         ``convert_norms``: swap the norm layers of an existing model for normlib's
@@ -27,7 +28,7 @@ book/              data, models, training loops and plots shared by the notebook
 =================  ==========================================================================
 """
 
-from normlib.backends import available_backends
+from normlib.backends import available_backends, explain_dispatch
 from normlib.batch_norm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -53,6 +54,7 @@ __version__ = "0.2.0"  # the one place the version is written (pyproject.toml re
 
 __all__ = [
     "available_backends",
+    "explain_dispatch",
     "batch_norm",
     "BatchNorm1d",
     "BatchNorm2d",

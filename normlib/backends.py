@@ -49,6 +49,7 @@ __all__ = [
     "Implementation",
     "TRITON_DTYPES",
     "available_backends",
+    "explain_dispatch",
     "resolve",
     "triton_device_reason",
 ]
@@ -389,3 +390,67 @@ def resolve(
             return function
     reason = candidates[0][1].supports(input, weight, bias)  # the preferred implementation's reason
     raise TypeError(f"backend={backend!r} cannot run this input: {reason}")
+
+
+def explain_dispatch(
+    op: str,
+    input: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    backend: str = "auto",
+) -> str:
+    """What :func:`resolve` runs for this call, and why not each other implementation of ``op``.
+
+    One line per implementation in :data:`IMPLEMENTATIONS`, backends in the order ``backend``
+    would try them (for "auto", :data:`AUTO_ORDER` then the rest), each with its verdict: the one
+    that runs, the ones its backend cannot run here, the ones whose rule refuses this input (with
+    the rule's reason), and the ones never reached. For example, a bfloat16 input with a float32
+    weight on the CPU::
+
+        >>> print(normlib.explain_dispatch("rms_norm", x.bfloat16(), weight.float()))
+
+    shows that the C kernels refuse it (they take the weight in the input's dtype) and that the
+    cpu backend's blocked PyTorch path runs instead.
+    """
+    if op not in IMPLEMENTATIONS:
+        raise ValueError(f"op={op!r} is not one of {sorted(IMPLEMENTATIONS)}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a known backend; expected 'auto' or one of {list(BACKENDS)}")
+    device = input.device
+    try:
+        chosen: Callable | None = resolve(op, backend, input, weight, bias)
+        outcome = f"runs {chosen.__module__}:{chosen.__name__}"
+    except (RuntimeError, TypeError) as error:
+        chosen, outcome = None, f"raises {type(error).__name__}: {error}"
+    tried = list(AUTO_ORDER.get(device.type, ())) + ["torch"] if backend == "auto" else [backend]
+    order = list(dict.fromkeys(tried + list(IMPLEMENTATIONS[op])))
+    parameters = ", ".join(
+        f"{name} {p.dtype}" for name, p in (("weight", weight), ("bias", bias)) if p is not None
+    )
+    lines = [
+        f"{op}(input {input.dtype} {tuple(input.shape)} on {device.type}"
+        f"{', ' + parameters if parameters else ''}, backend={backend!r}) {outcome}"
+    ]
+    found = False
+    for name in order:
+        if name not in IMPLEMENTATIONS[op]:
+            continue
+        reason = _why_not(op, name, device)
+        for implementation in IMPLEMENTATIONS[op][name]:
+            target = implementation.function
+            if name not in tried:
+                verdict = "not tried: " + ("'auto' does not try it on " + device.type if backend == "auto" else "another backend was named")
+            elif reason is not None:
+                verdict = f"cannot run here: {reason}"
+            elif found:
+                verdict = "not reached"
+            else:
+                refusal = implementation.supports(input, weight, bias)
+                if refusal is None:
+                    found = True
+                    runs = chosen is not None and f"{chosen.__module__}:{chosen.__name__}" == target
+                    verdict = "runs" if runs else "takes the input, but a torch.func transform or torch.jit.trace is active: PyTorch's op runs"
+                else:
+                    verdict = f"refuses this input: {refusal}"
+            lines.append(f"  {name:7s} {target:48s} {verdict}")
+    return "\n".join(lines)

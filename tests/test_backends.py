@@ -236,3 +236,51 @@ def test_available_backends_without_device_lists_only_what_this_machine_can_run(
     assert "cpu" in listed
     if not torch.cuda.is_available():
         assert "triton" not in listed, "triton needs a GPU (or the interpreter) to run anything"
+
+
+def _runs_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines()[1:] if line.endswith(" runs")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "add_layer_norm", "layer_norm", "group_norm"])
+def test_explain_dispatch_names_what_resolve_runs(op, dtype):
+    x = X.to(dtype)
+    weight = W8 if op != "group_norm" else None  # float32: the C kernels refuse it beside bfloat16 input
+    bias = W8 if op in ("add_layer_norm", "layer_norm") else None
+    text = normlib.explain_dispatch(op, x, weight, bias)
+    chosen = backends.resolve(op, "auto", x, weight, bias)
+    target = f"{chosen.__module__}:{chosen.__name__}"
+    assert text.splitlines()[0].endswith(f"runs {target}")
+    (line,) = _runs_lines(text)  # exactly one implementation runs
+    assert target in line
+
+
+def test_explain_dispatch_gives_each_refusal_its_rules_reason():
+    if not _c_kernels("rms_norm"):
+        pytest.skip("the C kernels are not built on this machine")
+    text = normlib.explain_dispatch("rms_norm", X.bfloat16(), W8)
+    assert "normlib.cpu:rms_norm_c" in text and "refuses this input: the C kernels take weight and bias in the input's dtype" in text
+    assert "normlib.cpu:rms_norm_blocked" in _runs_lines(text)[0]
+
+
+def test_explain_dispatch_reports_the_error_a_call_would_raise():
+    if "triton" in normlib.available_backends("rms_norm", CPU):
+        text = normlib.explain_dispatch("rms_norm", X.double(), backend="triton")
+        assert "raises TypeError: backend='triton' cannot run this input" in text.splitlines()[0]
+        assert "refuses this input: the 'triton' kernels compute in float32" in text
+    else:
+        text = normlib.explain_dispatch("rms_norm", X, backend="triton")
+        assert "raises RuntimeError: backend='triton' cannot run rms_norm here" in text.splitlines()[0]
+    assert not _runs_lines(text)
+    with pytest.raises(ValueError, match="op='softmax' is not one of"):
+        normlib.explain_dispatch("softmax", X)
+    with pytest.raises(ValueError, match="backend='tpu' is not a known backend"):
+        normlib.explain_dispatch("rms_norm", X, backend="tpu")
+
+
+def test_explain_dispatch_under_a_transform_says_pytorchs_op_runs():
+    texts = []
+    torch.func.vmap(lambda x: texts.append(normlib.explain_dispatch("rms_norm", x, W8, backend="cpu")) or x)(X)
+    assert texts[0].splitlines()[0].endswith("runs normlib.rms_norm:rms_norm_torch")
+    assert "takes the input, but a torch.func transform or torch.jit.trace is active" in texts[0]
