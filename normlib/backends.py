@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -50,6 +51,7 @@ __all__ = [
     "TRITON_DTYPES",
     "available_backends",
     "explain_dispatch",
+    "interpreter_reason",
     "resolve",
     "triton_device_reason",
 ]
@@ -67,6 +69,36 @@ def _triton_installed() -> str | None:
     return None
 
 
+def interpreter_reason(triton_version: str, numpy_version: str) -> str | None:
+    """None if Triton ``triton_version``'s CPU interpreter can run normlib's kernels beside NumPy
+    ``numpy_version``, else why not: before Triton 3.7 the interpreter turns a loop bound computed
+    from ``tl.program_id`` (the backward kernels' ``range(pid, n_rows, n_programs)``) into a
+    Python int through a one-element array, which NumPy 2 refuses. Compiled for a GPU, every
+    Triton from 3.2 on builds the kernels (``python -m normlib.kernels.compile_check``)."""
+
+    def major_minor(version: str) -> tuple[int, int]:
+        parts = re.match(r"(\d+)\.(\d+)", version)
+        return (int(parts[1]), int(parts[2])) if parts else (0, 0)
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 0):
+        return (
+            f"Triton {triton_version}'s interpreter cannot run normlib's kernels with NumPy "
+            f"{numpy_version} (it needs Triton >= 3.7, or NumPy < 2); on a GPU they run compiled"
+        )
+    return None
+
+
+_interpreter_checked: list[str | None] = []  # [reason] once worked out: it cannot change in a process
+
+
+def _installed_interpreter_reason() -> str | None:
+    if not _interpreter_checked:
+        from importlib.metadata import version
+
+        _interpreter_checked.append(interpreter_reason(version("triton"), version("numpy")))
+    return _interpreter_checked[0]
+
+
 def triton_device_reason(device: torch.device) -> str | None:
     """None if the Triton kernels can run tensors on ``device``, else why not.
 
@@ -79,7 +111,7 @@ def triton_device_reason(device: torch.device) -> str | None:
     kernels = sys.modules.get("normlib.kernels._rows")
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1" if kernels is None else kernels.INTERPRETED
     if device.type == "cpu" and interpreted:
-        return None
+        return _installed_interpreter_reason()
     compiled = "" if kernels is None or kernels.INTERPRETED else (
         "; normlib's kernels were already imported compiled for the GPU, so set it before the first import"
     )

@@ -284,3 +284,32 @@ def test_explain_dispatch_under_a_transform_says_pytorchs_op_runs():
     torch.func.vmap(lambda x: texts.append(normlib.explain_dispatch("rms_norm", x, W8, backend="cpu")) or x)(X)
     assert texts[0].splitlines()[0].endswith("runs normlib.rms_norm:rms_norm_torch")
     assert "takes the input, but a torch.func transform or torch.jit.trace is active" in texts[0]
+
+
+@pytest.mark.parametrize(
+    "triton_version,numpy_version,refused",
+    [("3.2.0", "2.4.6", True), ("3.6.0", "2.0.0", True), ("3.6.0", "1.26.4", False),
+     ("3.7.0", "2.4.6", False), ("3.9.0+git1234", "2.4.6", False), ("4.0.0", "2.1.0", False)],
+)
+def test_old_triton_interpreters_beside_numpy_2_are_refused_by_name(triton_version, numpy_version, refused):
+    # Measured: Triton 3.2 and 3.6's interpreters fail in the backward kernels under NumPy 2.4 and
+    # pass every conformance test under NumPy 1.26; 3.7, 3.8 and 3.9 pass under NumPy 2.4.
+    reason = backends.interpreter_reason(triton_version, numpy_version)
+    assert (reason is not None) == refused
+    if refused:
+        assert f"Triton {triton_version}'s interpreter" in reason and "Triton >= 3.7, or NumPy < 2" in reason
+
+
+def test_the_dispatch_refuses_an_interpreter_that_cannot_run_the_kernels(monkeypatch):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_CANDIDATES", {})
+    monkeypatch.setattr(backends, "_interpreter_checked", [backends.interpreter_reason("3.6.0", "2.4.6")])
+    import sys
+
+    if "normlib.kernels._rows" in sys.modules:
+        monkeypatch.setattr(sys.modules["normlib.kernels._rows"], "INTERPRETED", True)
+    assert "triton" not in normlib.available_backends("rms_norm", CPU)
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run rms_norm here: Triton 3.6.0's interpreter"):
+        normlib.rms_norm(X, (8,), backend="triton")

@@ -15,13 +15,14 @@ interpreted functions, which cannot be compiled.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
 import sys
 from typing import Optional, Sequence
 
-POINTERS = ("X", "R", "H", "Y", "W", "B", "DY", "DH", "DX", "OUT")
-FP32_POINTERS = ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL", "PARTIAL")
+POINTERS = ("X", "R", "H", "Y", "W", "B", "DY", "DH", "DX", "OUT", "ALPHA")
+FP32_POINTERS = ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL", "PARTIAL", "DALPHA_PARTIAL")
 INTS = ("stride_x", "stride_r", "stride_dy", "stride_dh", "n_cols", "n_rows", "n_partials")
 
 
@@ -36,16 +37,19 @@ def compile_kernel(fn, dtype: str, constexprs: dict, capability: int, num_warps:
              **{i: "i32" for i in INTS}, "eps": "fp32"}
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3
+        source = ASTSource(fn=fn, signature=signature,
+                           constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    else:  # Triton 3.2 takes the constexprs' values by name
+        source = ASTSource(fn=fn, signature=signature, constants=dict(constexprs))
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
 
 
 def variants(quick: bool):
     """(kernel, constexprs) pairs: LayerNorm and RMSNorm (``IS_RMS``), every flag combination the
-    ops use (RMSNorm has no bias), single-block and looped paths."""
-    from normlib.kernels import _rows
-    from normlib.kernels import row_norm
+    ops use (RMSNorm has no bias), single-block and looped paths; the second-stage sum; DyT with
+    and without weight and bias."""
+    from normlib.kernels import _rows, dyt, row_norm
 
     flags = [(True, True, True), (False, False, False)] if quick else list(itertools.product([False, True], repeat=3))
     blocks = [(1024, True), (256, False)] if quick else [(1024, True), (256, False), (1, True)]
@@ -55,6 +59,11 @@ def variants(quick: bool):
             yield row_norm._row_norm_fwd_kernel, dict(HAS_RESIDUAL=a, HAS_WEIGHT=b, HAS_BIAS=c, **shape)
             yield row_norm._row_norm_bwd_kernel, dict(HAS_DH=a, HAS_WEIGHT=b, HAS_BIAS=c, **shape)
     yield _rows._sum_partials_kernel, dict(BLOCK_N=_rows.SUM_BLOCK)
+    for has_weight, has_bias in itertools.product([False, True], repeat=2):
+        for block in (1024,) if quick else (1024, 256):
+            constexprs = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_N=block)
+            yield dyt._dyt_fwd_kernel, constexprs
+            yield dyt._dyt_bwd_kernel, constexprs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
