@@ -372,6 +372,9 @@ def test_gpu_check_results_plot_with_device_and_date(dry_run_file):
     matplotlib.use("Agg")
     from normlib.book import kernel_results
 
+    if "triton" not in normlib.available_backends("layer_norm", torch.device("cpu")):
+        pytest.skip("the dry run timed no Triton kernel here: the figure has nothing to plot")
+
     runs = kernel_results.load_runs([dry_run_file])
     assert len(runs) == 1 and runs[0].label.startswith(runs[0].metadata["device"])
     assert runs[0].metadata["date_utc"][:10] in runs[0].label

@@ -312,7 +312,7 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch, op):
 
 
 def _kernels(op: str):
-    pytest.importorskip("triton")
+    require(op, "triton")
     from normlib.kernels import layer_norm, rms_norm
 
     return layer_norm if "layer_norm" in op else rms_norm

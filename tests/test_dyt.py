@@ -13,7 +13,21 @@ import normlib
 from normlib.dyt import DyT, dyt, dyt_reference, dyt_reference_backward
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def _triton_kernels_unavailable() -> str | None:
+    """Why the DyT kernels cannot run on this machine's kernel device, or None."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    from kernel_devices import kernel_device
+
+    device = kernel_device()
+    if "triton" not in normlib.available_backends("dyt", device):
+        return f"the triton backend does not run on {device.type} here: {normlib.backends.triton_device_reason(device)}"
+    return None
+
+
+needs_triton = pytest.mark.skipif(_triton_kernels_unavailable() is not None, reason=str(_triton_kernels_unavailable()))
 
 # Per-dtype tolerances (rtol, atol) of a backend against the float64 result: the kernels compute in
 # fp32 and round the result to the storage dtype (fp16 has 11 significant bits, bf16 8).
