@@ -38,6 +38,21 @@ _OPS = {
     "SyncBatchNorm": "batch_norm",
 }
 
+
+def _running_stats_twin(name: str, *extra: str) -> Callable[[nn.Module, str], nn.Module]:
+    """How to build normlib's ``name`` (a BatchNorm or InstanceNorm) from its torch.nn twin: the
+    shared arguments, then the attributes ``extra`` (SyncBatchNorm's process_group)."""
+
+    def build(m: nn.Module, backend: str) -> nn.Module:
+        return getattr(normlib, name)(
+            m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+            *(getattr(m, attribute) for attribute in extra),
+            device="meta", bias=m.bias is not None, backend=backend,
+        )
+
+    return build
+
+
 #: torch.nn class name -> how to build its normlib twin from it. The twin is built on the meta
 #: device, because its own tensors are replaced by the original's at once.
 TORCH_TWINS: dict[str, Callable[[nn.Module, str], nn.Module]] = {
@@ -51,18 +66,7 @@ TORCH_TWINS: dict[str, Callable[[nn.Module, str], nn.Module]] = {
         m.num_groups, m.num_channels, m.eps, m.affine, device="meta", bias=m.bias is not None, backend=backend
     ),
     **{
-        name: (
-            lambda m, backend, name=name: getattr(normlib, name)(
-                m.num_features,
-                m.eps,
-                m.momentum,
-                m.affine,
-                m.track_running_stats,
-                device="meta",
-                bias=m.bias is not None,
-                backend=backend,
-            )
-        )
+        name: _running_stats_twin(name)
         for name in (
             "BatchNorm1d",
             "BatchNorm2d",
@@ -72,17 +76,7 @@ TORCH_TWINS: dict[str, Callable[[nn.Module, str], nn.Module]] = {
             "InstanceNorm3d",
         )
     },
-    "SyncBatchNorm": lambda m, backend: normlib.SyncBatchNorm(
-        m.num_features,
-        m.eps,
-        m.momentum,
-        m.affine,
-        m.track_running_stats,
-        m.process_group,
-        device="meta",
-        bias=m.bias is not None,
-        backend=backend,
-    ),
+    "SyncBatchNorm": _running_stats_twin("SyncBatchNorm", "process_group"),
 }
 
 #: "module.ClassName" of a transformers RMSNorm -> (casting, offset, attribute holding its eps).

@@ -290,17 +290,19 @@ def _rms_norm_convention(
     weight of another dtype than the input's multiplies outside the kernel so that the result takes
     the promoted dtype, as ``weight * y`` does in the model code.
     """
-    if resolve("rms_norm", backend, input, weight) is rms_norm_torch:
-        return rms_norm_convention_torch(input, normalized_shape, weight, eps, offset, casting)
-    if weight is None:
-        gamma = None
-    elif casting == "gemma":
+    gamma, outside = None, None  # the weight the kernel scales by, and one multiplied after it
+    if weight is not None and casting == "gemma":
         gamma = offset + weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
-    else:
+    elif weight is not None:
         gamma = weight if offset == 0.0 else offset + weight
         if casting == "llama" and gamma.dtype != input.dtype:
-            return gamma * resolve("rms_norm", backend, input, None)(input, normalized_shape, None, eps)
-    return resolve("rms_norm", backend, input, gamma)(input, normalized_shape, gamma, eps)
+            gamma, outside = None, gamma
+    # dispatched with the weight it will receive (the C kernels take only the input's dtype)
+    function = resolve("rms_norm", backend, input, gamma)
+    if function is rms_norm_torch:
+        return rms_norm_convention_torch(input, normalized_shape, weight, eps, offset, casting)
+    y = function(input, normalized_shape, gamma, eps)
+    return y if outside is None else outside * y
 
 
 def rms_norm_torch(

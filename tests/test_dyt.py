@@ -27,7 +27,8 @@ def _triton_kernels_unavailable() -> str | None:
     return None
 
 
-needs_triton = pytest.mark.skipif(_triton_kernels_unavailable() is not None, reason=str(_triton_kernels_unavailable()))
+_WHY_NO_KERNELS = _triton_kernels_unavailable()
+needs_triton = pytest.mark.skipif(_WHY_NO_KERNELS is not None, reason=str(_WHY_NO_KERNELS))
 
 # Per-dtype tolerances (rtol, atol) of a backend against the float64 result: the kernels compute in
 # fp32 and round the result to the storage dtype (fp16 has 11 significant bits, bf16 8).
